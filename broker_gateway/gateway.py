@@ -1,0 +1,192 @@
+"""The gateway: the host side's administrative operations on the bus.
+
+It connects to NATS as the router's service user (streams, registry, inbox
+consumers) and as the system user (pushing account JWTs), and is what
+``symbi up``, ``symbi agent register/revoke/list`` and the launchers call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+
+from agent_sdk.errors import BrokerError
+from agent_sdk.names import Level, check_agent_id, check_tier, inbox_subject, outbox_subject
+from agent_sdk.sealing import EncryptionKeyPair
+from broker_gateway import jwt
+from broker_gateway.accounts import Trust, agent_inbox_prefix, build_trust, inbox_stream
+from broker_gateway.records import AgentRecord
+from broker_gateway.registry import Registry
+from broker_gateway.state import StateDir
+from broker_gateway.streams import (
+    REVOCATIONS_BUCKET,
+    StreamSettings,
+    ensure_all,
+    inbox_consumer_config,
+)
+from broker_gateway.users import DEFAULT_AGENT_TTL_S, mint_agent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentCredentials:
+    """What an agent needs to connect: the creds file text and its ``agent.json``."""
+
+    creds: str
+    info: dict[str, Any]
+
+
+class Gateway:
+    """Connected administrative handle on one symbi bus."""
+
+    def __init__(self, state: StateDir, url: str, router: Client, system: Client) -> None:
+        self.state = state
+        self.url = url
+        self.router = router
+        self.system = system
+        self.js: JetStreamContext = router.jetstream()
+        self._registry: Registry | None = None
+
+    @classmethod
+    async def connect(cls, state: StateDir, url: str) -> Gateway:
+        try:
+            router = await nats.connect(
+                url, user_credentials=str(state.service_creds("router")), name="symbi-gateway",
+                max_reconnect_attempts=3, connect_timeout=5,
+            )
+            system = await nats.connect(
+                url, user_credentials=str(state.service_creds("sys")), name="symbi-gateway-sys",
+                max_reconnect_attempts=3, connect_timeout=5,
+            )
+        except (NatsError, OSError) as exc:
+            raise BrokerError(f"cannot connect to NATS at {url}: {exc}") from exc
+        return cls(state, url, router, system)
+
+    async def close(self) -> None:
+        for nc in (self.router, self.system):
+            if not nc.is_closed:
+                await nc.drain()
+
+    async def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = await Registry.open(self.js)
+        return self._registry
+
+    # -- accounts -----------------------------------------------------------
+
+    async def revocations(self) -> dict[str, dict[str, int]]:
+        """``{tier: {user public key: revoked at}}`` from the revocations bucket."""
+        kv = await self.js.key_value(REVOCATIONS_BUCKET)
+        result: dict[str, dict[str, int]] = {}
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return result
+        for key in keys:
+            tier, _, user = key.partition(".")
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            result.setdefault(tier, {})[user] = int((entry.value or b"0").decode())
+        return result
+
+    async def trust(self) -> Trust:
+        return build_trust(self.state.keys, await self.revocations())
+
+    async def push_accounts(self, tiers: list[str] | None = None) -> None:
+        """Send the current account JWTs to the server's resolver (applies at once)."""
+        trust = await self.trust()
+        for name in tiers if tiers is not None else list(trust.account_jwts):
+            try:
+                reply = await self.system.request(
+                    "$SYS.REQ.CLAIMS.UPDATE", trust.account_jwts[name].encode(), timeout=5
+                )
+            except NatsError as exc:
+                raise BrokerError(f"pushing account {name} failed: {exc}") from exc
+            body = json.loads(reply.data)
+            if "error" in body:
+                raise BrokerError(f"account {name} refused: {body['error'].get('description')}")
+
+    async def ensure_streams(self, settings: StreamSettings) -> None:
+        try:
+            await ensure_all(self.js, settings)
+        except NatsError as exc:
+            raise BrokerError(f"cannot create the streams: {exc}") from exc
+
+    # -- agents -------------------------------------------------------------
+
+    async def register_agent(
+        self,
+        tier: str,
+        agent_id: str,
+        clearance: Level = "restricted",
+        capabilities: tuple[str, ...] = (),
+        subscriptions: tuple[str, ...] = (),
+        ttl_s: int = DEFAULT_AGENT_TTL_S,
+    ) -> AgentCredentials:
+        """Mint credentials with the tier's scoped key and record the agent."""
+        tier = check_tier(tier)
+        check_agent_id(agent_id)
+        trust = await self.trust()
+        token, seed = mint_agent(
+            tier, agent_id, trust.accounts[tier], self.state.keys.keypair(f"scope-{tier}", "account"),
+            ttl_s=ttl_s,
+        )
+        user_public = jwt.decode(token, verify=False)["sub"]
+        enc = EncryptionKeyPair.generate()
+        record = AgentRecord(
+            tier=tier, id=agent_id, public_key=user_public,
+            encryption_public_key=enc.public_key, clearance=clearance,
+            capabilities=tuple(sorted(set(capabilities))), subscriptions=subscriptions,
+            created_ms=int(time.time() * 1000),
+        )
+        registry = await self.registry()
+        await registry.create(record)
+        await self.js.add_consumer(inbox_stream(tier), inbox_consumer_config(tier, agent_id))
+        info = {
+            "address": record.address,
+            "tier": tier,
+            "id": agent_id,
+            "nats_url": self.url,
+            "outbox": outbox_subject(tier, agent_id),
+            "inbox": inbox_subject(tier, agent_id),
+            "public_key": user_public,
+            "clearance": clearance,
+            "capabilities": list(record.capabilities),
+            "subscriptions": list(subscriptions),
+            "encryption_public_key": enc.public_key,
+            "encryption_secret_key": enc.secret_key,
+            "inbox_prefix": agent_inbox_prefix(agent_id),
+            "inbox_stream": inbox_stream(tier),
+            "inbox_consumer": agent_id,
+            "expires": jwt.decode(token, verify=False)["exp"],
+        }
+        return AgentCredentials(jwt.creds_file(token, seed), info)
+
+    async def revoke_agent(self, tier: str, agent_id: str) -> AgentRecord:
+        """Revoke in the registry (workers deny it at once) and in the tier's account JWT."""
+        registry = await self.registry()
+        record = await registry.get(f"{check_tier(tier)}.{check_agent_id(agent_id)}")
+        now = time.time()
+        revoked = record.model_copy(update={"status": "revoked", "revoked_ms": int(now * 1000)})
+        await registry.update(revoked)
+        kv = await self.js.key_value(REVOCATIONS_BUCKET)
+        # +1: a JWT issued within the current second is revoked too.
+        await kv.put(f"{tier}.{record.public_key}", str(int(now) + 1).encode())
+        await self.push_accounts([tier])
+        try:
+            await self.js.delete_consumer(inbox_stream(tier), agent_id)
+        except NotFoundError:
+            pass
+        return revoked

@@ -1,0 +1,3 @@
+from symbi.main import main
+
+raise SystemExit(main())

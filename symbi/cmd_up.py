@@ -1,0 +1,58 @@
+"""``symbi up``: the whole host side in the foreground until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from agent_sdk.errors import ConfigError
+from broker_gateway.runtime import ChildSpec, Runtime, RuntimeConfig
+from broker_gateway.state import StateDir
+from symbi.runner import run
+
+
+def _children(runtime: Runtime) -> list[ChildSpec]:
+    return [
+        ChildSpec(f"worker-{i}", [sys.executable, "-m", "policy_worker", "--name", f"worker-{i}"]
+                  + (["--policies", str(runtime.config.policies)] if runtime.config.policies else []))
+        for i in range(runtime.config.workers)
+    ]
+
+
+def run_up(state_dir: str | None, nats_port: int, http_port: int, policies: str | None,
+           workers: int) -> int:
+    for name, port in (("--nats-port", nats_port), ("--http-port", http_port)):
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{name} {port}: not a TCP port")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: must be 0 or more")
+    state = StateDir.open(state_dir)
+    policy_path = Path(policies).absolute() if policies else None
+    if policy_path is not None:
+        from policy_worker.policy import load_policies
+
+        load_policies(policy_path)  # a bad file stops us here, before anything starts
+    config = RuntimeConfig(state_dir=state.root, nats_port=nats_port, http_port=http_port,
+                           workers=workers, policies=policy_path)
+    return run(_serve(config))
+
+
+async def _serve(config: RuntimeConfig) -> int:
+    runtime = Runtime(config, children=_children)
+    runtime.preflight()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await runtime.start()
+    try:
+        http = f", http://127.0.0.1:{config.http_port}" if config.http_port else ""
+        print(f"symbi: ready on {runtime.url}{http} (state {runtime.state.root}, "
+              f"{config.workers} workers)", flush=True)
+        await stop.wait()
+    finally:
+        await runtime.stop()
+    print("symbi: stopped", flush=True)
+    return 0

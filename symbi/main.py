@@ -1,0 +1,99 @@
+"""Argument parsing and the one place where errors become exit codes.
+
+Every :class:`SymbiError` is printed as one line ``symbi: error: …`` on
+stderr with exit code 2; nothing else is written when a command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from agent_sdk.errors import SymbiError
+from agent_sdk.names import LEVELS, TIERS
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SymbiError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="symbi", description="Secure messaging between sandboxed AI agents over NATS."
+    )
+    parser.add_argument("--log-level", default=os.environ.get("SYMBIONT_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-json", action="store_true", help="structured JSON logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def state_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", default=None,
+                       help="state directory (default: $SYMBIONT_STATE_DIR, else ./.symbi)")
+
+    up = sub.add_parser("up", help="run the NATS server, gateway, policy workers and launchers")
+    state_opt(up)
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--http-port", type=int, default=None,
+                    help="health and /metrics port (default: $SYMBIONT_COMM_BUS_PORT, else 8080)")
+    up.add_argument("--policies", default=None, help="communication policies (YAML)")
+    up.add_argument("--workers", type=int, default=None,
+                    help="policy worker processes (default: $SYMBIONT_COMM_BUS_THREADS, else 2)")
+
+    agent = sub.add_parser("agent", help="register, revoke and list agents")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
+    reg = agent_sub.add_parser("register", help="register an agent and write its credentials")
+    reg.add_argument("--tier", required=True, help=f"one of {', '.join(TIERS)}")
+    reg.add_argument("--id", required=True, dest="agent_id")
+    reg.add_argument("--clearance", default="restricted", help=f"one of {', '.join(LEVELS)}")
+    reg.add_argument("--capability", action="append", default=[], dest="capabilities")
+    reg.add_argument("--subscribe", action="append", default=[], dest="subscriptions",
+                     help="event topic pattern the agent receives (may repeat)")
+    reg.add_argument("--out", required=True, help="directory for agent.creds and agent.json")
+    state_opt(reg)
+    rev = agent_sub.add_parser("revoke", help="revoke an agent's credentials")
+    rev.add_argument("--tier", required=True)
+    rev.add_argument("--id", required=True, dest="agent_id")
+    state_opt(rev)
+    lst = agent_sub.add_parser("list", help="list registered agents")
+    lst.add_argument("--json", action="store_true")
+    state_opt(lst)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "up":
+            from symbi.cmd_up import run_up
+
+            return run_up(
+                state_dir=args.state_dir,
+                nats_port=args.nats_port,
+                http_port=args.http_port if args.http_port is not None
+                else _env_int("SYMBIONT_COMM_BUS_PORT", 8080),
+                policies=args.policies,
+                workers=args.workers if args.workers is not None
+                else _env_int("SYMBIONT_COMM_BUS_THREADS", 2),
+            )
+        if args.command == "agent":
+            from symbi import cmd_agent
+
+            return cmd_agent.run(args)
+    except SymbiError as exc:
+        print(f"symbi: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
