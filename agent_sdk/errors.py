@@ -7,7 +7,7 @@ boundary with ``raise ... from exc``)::
     ├── ConfigError            bad configuration, policy file or state directory
     ├── ContractError          something does not follow the wire contract symbi/1
     │   ├── EnvelopeError      a header is missing or malformed       (reason: malformed)
-    │   └── SignatureError     unsigned or bad signature              (reason: unsigned / bad_signature)
+    │   └── SignatureError     unsigned or bad signature   (reason: unsigned / bad_signature)
     ├── CryptoError            a sealed payload cannot be opened
     ├── RegistryError          registry lookups and writes
     │   ├── AgentExistsError   the id is already registered in that tier

@@ -36,7 +36,7 @@ def check_tier(tier: str) -> Tier:
     """Return ``tier`` if it is one of the contract's tiers, else raise."""
     if tier not in TIERS:
         raise EnvelopeError(f"unknown tier {tier!r}: expected one of {', '.join(TIERS)}")
-    return tier  # type: ignore[return-value]
+    return tier
 
 
 def check_agent_id(agent_id: str) -> str:

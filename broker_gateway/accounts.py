@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent_sdk.names import TIERS
+from agent_sdk.names import TIERS, Tier
 from broker_gateway import jwt
 from broker_gateway.keys import KeyStore
 
@@ -115,7 +115,7 @@ class Trust:
     operator_jwt: str
     accounts: dict[str, str]  # name -> account public key
     account_jwts: dict[str, str]  # name -> account JWT
-    scope_keys: dict[str, str]  # tier -> public key of its scoped signing key
+    scope_keys: dict[Tier, str]  # tier -> public key of its scoped signing key
 
     @property
     def system_account(self) -> str:
@@ -153,10 +153,19 @@ def build_trust(store: KeyStore, revocations: dict[str, dict[str, int]]) -> Trus
             {
                 "limits": dict(NO_LIMITS),
                 "exports": [
-                    {"name": "account-monitoring-services", "subject": "$SYS.REQ.ACCOUNT.*.*",
-                     "type": "service", "response_type": "Stream", "account_token_position": 4},
-                    {"name": "account-monitoring-streams", "subject": "$SYS.ACCOUNT.*.>",
-                     "type": "stream", "account_token_position": 3},
+                    {
+                        "name": "account-monitoring-services",
+                        "subject": "$SYS.REQ.ACCOUNT.*.*",
+                        "type": "service",
+                        "response_type": "Stream",
+                        "account_token_position": 4,
+                    },
+                    {
+                        "name": "account-monitoring-streams",
+                        "subject": "$SYS.ACCOUNT.*.>",
+                        "type": "stream",
+                        "account_token_position": 3,
+                    },
                 ],
             },
         ),

@@ -7,6 +7,7 @@ consumers) and as the system user (pushing account JWTs), and is what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -61,12 +62,18 @@ class Gateway:
     async def connect(cls, state: StateDir, url: str) -> Gateway:
         try:
             router = await nats.connect(
-                url, user_credentials=str(state.service_creds("router")), name="symbi-gateway",
-                max_reconnect_attempts=3, connect_timeout=5,
+                url,
+                user_credentials=str(state.service_creds("router")),
+                name="symbi-gateway",
+                max_reconnect_attempts=3,
+                connect_timeout=5,
             )
             system = await nats.connect(
-                url, user_credentials=str(state.service_creds("sys")), name="symbi-gateway-sys",
-                max_reconnect_attempts=3, connect_timeout=5,
+                url,
+                user_credentials=str(state.service_creds("sys")),
+                name="symbi-gateway-sys",
+                max_reconnect_attempts=3,
+                connect_timeout=5,
             )
         except (NatsError, OSError) as exc:
             raise BrokerError(f"cannot connect to NATS at {url}: {exc}") from exc
@@ -140,15 +147,22 @@ class Gateway:
         check_agent_id(agent_id)
         trust = await self.trust()
         token, seed = mint_agent(
-            tier, agent_id, trust.accounts[tier], self.state.keys.keypair(f"scope-{tier}", "account"),
+            tier,
+            agent_id,
+            trust.accounts[tier],
+            self.state.keys.keypair(f"scope-{tier}", "account"),
             ttl_s=ttl_s,
         )
         user_public = jwt.decode(token, verify=False)["sub"]
         enc = EncryptionKeyPair.generate()
         record = AgentRecord(
-            tier=tier, id=agent_id, public_key=user_public,
-            encryption_public_key=enc.public_key, clearance=clearance,
-            capabilities=tuple(sorted(set(capabilities))), subscriptions=subscriptions,
+            tier=tier,
+            id=agent_id,
+            public_key=user_public,
+            encryption_public_key=enc.public_key,
+            clearance=clearance,
+            capabilities=tuple(sorted(set(capabilities))),
+            subscriptions=subscriptions,
             created_ms=int(time.time() * 1000),
         )
         registry = await self.registry()
@@ -185,8 +199,6 @@ class Gateway:
         # +1: a JWT issued within the current second is revoked too.
         await kv.put(f"{tier}.{record.public_key}", str(int(now) + 1).encode())
         await self.push_accounts([tier])
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(inbox_stream(tier), agent_id)
-        except NotFoundError:
-            pass
         return revoked

@@ -18,8 +18,13 @@ HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class HttpEndpoint:
-    def __init__(self, health: HealthCheck, metrics: Callable[[], CollectorRegistry],
-                 host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(
+        self,
+        health: HealthCheck,
+        metrics: Callable[[], CollectorRegistry],
+        host: str = "127.0.0.1",
+        port: int = 8080,
+    ) -> None:
         self.health = health
         self.metrics = metrics
         self.host = host

@@ -33,7 +33,8 @@ def keypair(seed: bytes) -> nkeys.KeyPair:
 
 
 def public_key(seed: bytes) -> str:
-    return keypair(seed).public_key.decode()
+    key: bytes = keypair(seed).public_key
+    return key.decode()
 
 
 def write_secret(path: Path, data: bytes | str) -> None:

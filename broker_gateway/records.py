@@ -23,7 +23,9 @@ class AgentRecord(BaseModel):
 
     tier: Tier
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    public_key: str = Field(pattern=r"^U[A-Z2-7]{55}$", description="NATS user public key (Ed25519)")
+    public_key: str = Field(
+        pattern=r"^U[A-Z2-7]{55}$", description="NATS user public key (Ed25519)"
+    )
     encryption_public_key: str = Field(description="X25519 public key, base64url without padding")
     clearance: Level = "restricted"
     capabilities: tuple[str, ...] = ()

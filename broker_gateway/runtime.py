@@ -54,7 +54,9 @@ class ChildSpec:
 
 
 class Runtime:
-    def __init__(self, config: RuntimeConfig, children: Callable[[Runtime], list[ChildSpec]] | None = None) -> None:
+    def __init__(
+        self, config: RuntimeConfig, children: Callable[[Runtime], list[ChildSpec]] | None = None
+    ) -> None:
         self.config = config
         self.state = StateDir.open(config.state_dir)
         self._children_factory = children
@@ -90,15 +92,18 @@ class Runtime:
             await self.gateway.push_accounts(list(TIERS))
             self._reset_metrics_dir()
             if self.config.http_port is not None:
-                self.http = HttpEndpoint(self.health, self.metrics_registry,
-                                         port=self.config.http_port)
+                self.http = HttpEndpoint(
+                    self.health, self.metrics_registry, port=self.config.http_port
+                )
                 await self.http.start()
-            self.state.write_runtime({
-                "nats_url": self.url,
-                "http_port": self.config.http_port,
-                "pid": os.getpid(),
-                "started": int(time.time()),
-            })
+            self.state.write_runtime(
+                {
+                    "nats_url": self.url,
+                    "http_port": self.config.http_port,
+                    "pid": os.getpid(),
+                    "started": int(time.time()),
+                }
+            )
             if self._children_factory is not None:
                 for spec in self._children_factory(self):
                     await self._spawn(spec)
@@ -121,20 +126,26 @@ class Runtime:
 
     async def _spawn(self, spec: ChildSpec) -> None:
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv, env=self.child_env(), stdin=asyncio.subprocess.DEVNULL,
+            *spec.argv,
+            env=self.child_env(),
+            stdin=asyncio.subprocess.DEVNULL,
         )
         self._procs[spec.name] = proc
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
     async def _supervise(self) -> None:
-        specs = {s.name: s for s in (self._children_factory(self) if self._children_factory else [])}
+        specs = {
+            s.name: s for s in (self._children_factory(self) if self._children_factory else [])
+        }
         while not self._stopping:
             await asyncio.sleep(0.5)
             for name, proc in list(self._procs.items()):
                 if proc.returncode is not None and not self._stopping:
                     log.warning("%s exited with %s; restarting", name, proc.returncode)
                     with contextlib.suppress(KeyError):
-                        prom_multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
+                        prom_multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                            proc.pid, str(self.metrics_dir)
+                        )
                     await self._spawn(specs[name])
 
     async def stop(self) -> None:
@@ -191,11 +202,14 @@ class Runtime:
     def metrics_registry(self) -> CollectorRegistry:
         registry = CollectorRegistry()
         if any(self.metrics_dir.glob("*.db")):
-            prom_multiprocess.MultiProcessCollector(registry, path=str(self.metrics_dir))
+            prom_multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                registry, path=str(self.metrics_dir)
+            )
         up = Gauge("symbi_up", "1 while the broker accepts traffic", registry=registry)
         up.set(1 if self.gateway is not None and self.gateway.router.is_connected else 0)
-        procs = Gauge("symbi_child_processes", "running child services", ["kind"],
-                      registry=registry)
+        procs = Gauge(
+            "symbi_child_processes", "running child services", ["kind"], registry=registry
+        )
         for name in self._procs:
             procs.labels(kind=name.split("-")[0]).set(0)
         for name, proc in self._procs.items():

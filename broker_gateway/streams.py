@@ -104,14 +104,29 @@ def stream_configs(s: StreamSettings) -> list[StreamConfig]:
 
 def bucket_configs(s: StreamSettings) -> list[KeyValueConfig]:
     return [
-        KeyValueConfig(bucket=REGISTRY_BUCKET, history=5, replicas=s.replicas,
-                       description="registered agents"),
-        KeyValueConfig(bucket=REVOCATIONS_BUCKET, history=1, replicas=s.replicas,
-                       description="revoked agent user keys, per tier"),
-        KeyValueConfig(bucket=NONCE_BUCKET, history=1, replicas=s.replicas,
-                       ttl=s.dedup_window_s, description="seen (sender, nonce) pairs"),
-        KeyValueConfig(bucket=RATE_BUCKET, history=1, replicas=s.replicas,
-                       ttl=3600.0, description="per-sender rate limiter state"),
+        KeyValueConfig(
+            bucket=REGISTRY_BUCKET, history=5, replicas=s.replicas, description="registered agents"
+        ),
+        KeyValueConfig(
+            bucket=REVOCATIONS_BUCKET,
+            history=1,
+            replicas=s.replicas,
+            description="revoked agent user keys, per tier",
+        ),
+        KeyValueConfig(
+            bucket=NONCE_BUCKET,
+            history=1,
+            replicas=s.replicas,
+            ttl=s.dedup_window_s,
+            description="seen (sender, nonce) pairs",
+        ),
+        KeyValueConfig(
+            bucket=RATE_BUCKET,
+            history=1,
+            replicas=s.replicas,
+            ttl=3600.0,
+            description="per-sender rate limiter state",
+        ),
     ]
 
 

@@ -45,7 +45,10 @@ async def _register(args: argparse.Namespace) -> int:
     gateway = await _connect(args.state_dir)
     try:
         creds = await gateway.register_agent(
-            tier, agent_id, clearance=args.clearance, capabilities=tuple(args.capabilities),
+            tier,
+            agent_id,
+            clearance=args.clearance,
+            capabilities=tuple(args.capabilities),
             subscriptions=tuple(args.subscriptions),
         )
     finally:
@@ -53,8 +56,7 @@ async def _register(args: argparse.Namespace) -> int:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_secret(out / "agent.creds", creds.creds)
     write_secret(out / "agent.json", json.dumps(creds.info, indent=2) + "\n")
-    print(f"registered {creds.info['address']} ({creds.info['public_key']}); "
-          f"credentials in {out}")
+    print(f"registered {creds.info['address']} ({creds.info['public_key']}); credentials in {out}")
     return 0
 
 

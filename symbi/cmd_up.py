@@ -15,14 +15,18 @@ from symbi.runner import run
 
 def _children(runtime: Runtime) -> list[ChildSpec]:
     return [
-        ChildSpec(f"worker-{i}", [sys.executable, "-m", "policy_worker", "--name", f"worker-{i}"]
-                  + (["--policies", str(runtime.config.policies)] if runtime.config.policies else []))
+        ChildSpec(
+            f"worker-{i}",
+            [sys.executable, "-m", "policy_worker", "--name", f"worker-{i}"]
+            + (["--policies", str(runtime.config.policies)] if runtime.config.policies else []),
+        )
         for i in range(runtime.config.workers)
     ]
 
 
-def run_up(state_dir: str | None, nats_port: int, http_port: int, policies: str | None,
-           workers: int) -> int:
+def run_up(
+    state_dir: str | None, nats_port: int, http_port: int, policies: str | None, workers: int
+) -> int:
     for name, port in (("--nats-port", nats_port), ("--http-port", http_port)):
         if not 1 <= port <= 65535:
             raise ConfigError(f"{name} {port}: not a TCP port")
@@ -34,8 +38,13 @@ def run_up(state_dir: str | None, nats_port: int, http_port: int, policies: str 
         from policy_worker.policy import load_policies
 
         load_policies(policy_path)  # a bad file stops us here, before anything starts
-    config = RuntimeConfig(state_dir=state.root, nats_port=nats_port, http_port=http_port,
-                           workers=workers, policies=policy_path)
+    config = RuntimeConfig(
+        state_dir=state.root,
+        nats_port=nats_port,
+        http_port=http_port,
+        workers=workers,
+        policies=policy_path,
+    )
     return run(_serve(config))
 
 
@@ -49,8 +58,11 @@ async def _serve(config: RuntimeConfig) -> int:
     await runtime.start()
     try:
         http = f", http://127.0.0.1:{config.http_port}" if config.http_port else ""
-        print(f"symbi: ready on {runtime.url}{http} (state {runtime.state.root}, "
-              f"{config.workers} workers)", flush=True)
+        print(
+            f"symbi: ready on {runtime.url}{http} (state {runtime.state.root}, "
+            f"{config.workers} workers)",
+            flush=True,
+        )
         await stop.wait()
     finally:
         await runtime.stop()

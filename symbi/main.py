@@ -35,17 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def state_opt(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--state-dir", default=None,
-                       help="state directory (default: $SYMBIONT_STATE_DIR, else ./.symbi)")
+        p.add_argument(
+            "--state-dir",
+            default=None,
+            help="state directory (default: $SYMBIONT_STATE_DIR, else ./.symbi)",
+        )
 
     up = sub.add_parser("up", help="run the NATS server, gateway, policy workers and launchers")
     state_opt(up)
     up.add_argument("--nats-port", type=int, default=4222)
-    up.add_argument("--http-port", type=int, default=None,
-                    help="health and /metrics port (default: $SYMBIONT_COMM_BUS_PORT, else 8080)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="health and /metrics port (default: $SYMBIONT_COMM_BUS_PORT, else 8080)",
+    )
     up.add_argument("--policies", default=None, help="communication policies (YAML)")
-    up.add_argument("--workers", type=int, default=None,
-                    help="policy worker processes (default: $SYMBIONT_COMM_BUS_THREADS, else 2)")
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="policy worker processes (default: $SYMBIONT_COMM_BUS_THREADS, else 2)",
+    )
 
     agent = sub.add_parser("agent", help="register, revoke and list agents")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
@@ -54,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--id", required=True, dest="agent_id")
     reg.add_argument("--clearance", default="restricted", help=f"one of {', '.join(LEVELS)}")
     reg.add_argument("--capability", action="append", default=[], dest="capabilities")
-    reg.add_argument("--subscribe", action="append", default=[], dest="subscriptions",
-                     help="event topic pattern the agent receives (may repeat)")
+    reg.add_argument(
+        "--subscribe",
+        action="append",
+        default=[],
+        dest="subscriptions",
+        help="event topic pattern the agent receives (may repeat)",
+    )
     reg.add_argument("--out", required=True, help="directory for agent.creds and agent.json")
     state_opt(reg)
     rev = agent_sub.add_parser("revoke", help="revoke an agent's credentials")
@@ -71,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.command == "up":
             from symbi.cmd_up import run_up
@@ -80,10 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_up(
                 state_dir=args.state_dir,
                 nats_port=args.nats_port,
-                http_port=args.http_port if args.http_port is not None
+                http_port=args.http_port
+                if args.http_port is not None
                 else _env_int("SYMBIONT_COMM_BUS_PORT", 8080),
                 policies=args.policies,
-                workers=args.workers if args.workers is not None
+                workers=args.workers
+                if args.workers is not None
                 else _env_int("SYMBIONT_COMM_BUS_THREADS", 2),
             )
         if args.command == "agent":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def symbi(*args: str, state_dir: Path | None = None, timeout: float = 60,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def symbi(
+    *args: str,
+    state_dir: Path | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m symbi ARGS`` to completion."""
     argv = [sys.executable, "-m", "symbi", *args]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 @dataclass
@@ -55,13 +68,25 @@ class SymbiUp:
         return f"nats://127.0.0.1:{self.nats_port}"
 
     def start(self, timeout: float = 60) -> None:
-        argv = [sys.executable, "-m", "symbi", "up", "--state-dir", str(self.state_dir),
-                "--nats-port", str(self.nats_port), "--http-port", str(self.http_port),
-                "--workers", str(self.workers)]
+        argv = [
+            sys.executable,
+            "-m",
+            "symbi",
+            "up",
+            "--state-dir",
+            str(self.state_dir),
+            "--nats-port",
+            str(self.nats_port),
+            "--http-port",
+            str(self.http_port),
+            "--workers",
+            str(self.workers),
+        ]
         if self.policies is not None:
             argv += ["--policies", str(self.policies)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -86,8 +111,18 @@ class SymbiUp:
         return self.proc.returncode
 
     def register(self, tier: str, agent_id: str, out: Path, *extra: str) -> dict[str, Any]:
-        res = symbi("agent", "register", "--tier", tier, "--id", agent_id, "--out", str(out),
-                    *extra, state_dir=self.state_dir)
+        res = symbi(
+            "agent",
+            "register",
+            "--tier",
+            tier,
+            "--id",
+            agent_id,
+            "--out",
+            str(out),
+            *extra,
+            state_dir=self.state_dir,
+        )
         assert res.returncode == 0, res.stderr
         info: dict[str, Any] = json.loads((out / "agent.json").read_text())
         return info
@@ -132,3 +167,28 @@ async def close_all(*agents: Agent) -> None:
     for agent in agents:
         with contextlib.suppress(Exception):
             await agent.nc.close()
+
+
+async def connect_refused(url: str, creds: Path) -> str:
+    """Try to connect with ``creds``; return the server's refusal.
+
+    nats.py leaves the socket of a refused connection to the garbage collector;
+    it is collected here, where its ResourceWarning is expected.
+    """
+    try:
+        nc = await nats.connect(
+            url,
+            user_credentials=str(creds),
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=3,
+        )
+    except Exception as exc:  # nats.py raises several unrelated types for this
+        refusal = str(exc)
+    else:
+        await nc.close()
+        raise AssertionError("the server accepted the connection")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    return refusal
