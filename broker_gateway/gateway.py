@@ -25,6 +25,7 @@ from agent_sdk.names import Level, check_agent_id, check_tier, inbox_subject, ou
 from agent_sdk.sealing import EncryptionKeyPair
 from broker_gateway import jwt
 from broker_gateway.accounts import Trust, agent_inbox_prefix, build_trust, inbox_stream
+from broker_gateway.keys import public_key, route_signer_seed
 from broker_gateway.records import AgentRecord
 from broker_gateway.registry import Registry
 from broker_gateway.state import StateDir
@@ -184,6 +185,7 @@ class Gateway:
             "inbox_prefix": agent_inbox_prefix(agent_id),
             "inbox_stream": inbox_stream(tier),
             "inbox_consumer": agent_id,
+            "router_public_key": public_key(route_signer_seed(self.state.keys)),
             "expires": jwt.decode(token, verify=False)["exp"],
         }
         return AgentCredentials(jwt.creds_file(token, seed), info)

@@ -73,3 +73,11 @@ class KeyStore:
 
     def keypair(self, name: str, kind: str) -> nkeys.KeyPair:
         return keypair(self.seed(name, kind))
+
+
+ROUTE_KEY = "router-signing"
+
+
+def route_signer_seed(store: KeyStore) -> bytes:
+    """Seed of the key with which policy workers sign each delivery's route tag."""
+    return store.seed(ROUTE_KEY, "user")

@@ -27,6 +27,7 @@ from broker_gateway.accounts import inbox_stream
 INGRESS = "INGRESS"
 AUDIT = "AUDIT"
 DEAD_LETTER = "DEADLETTER"
+HOST = "HOST"
 WORKERS_CONSUMER = "workers"
 REGISTRY_BUCKET = "symbi_registry"
 REVOCATIONS_BUCKET = "symbi_revocations"
@@ -86,6 +87,18 @@ def stream_configs(s: StreamSettings) -> list[StreamConfig]:
             num_replicas=s.replicas,
         ),
     ]
+    configs.append(
+        StreamConfig(
+            name=HOST,
+            description="deliveries to host services (host.<name>.in), e.g. the launchers",
+            subjects=["host.*.in"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=s.inbox_max_age_s,
+            duplicate_window=s.dedup_window_s,
+            num_replicas=s.replicas,
+        )
+    )
     for tier in TIERS:
         configs.append(
             StreamConfig(
