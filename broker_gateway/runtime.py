@@ -66,6 +66,7 @@ class Runtime:
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._lock_fd: int | None = None
         self.metrics_dir = self.state.root / "metrics"
 
     @property
@@ -82,6 +83,7 @@ class Runtime:
 
     async def start(self) -> None:
         self.preflight()
+        self._lock_fd = self.state.lock()
         trust = build_trust(self.state.keys, {})
         self.server = NatsServer(ServerConfig(self.state.root, self.config.nats_port), trust)
         await self.server.start()
@@ -172,6 +174,9 @@ class Runtime:
         if self.server is not None:
             await self.server.stop()
         self.state.clear_runtime()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def __aenter__(self) -> Runtime:
         await self.start()

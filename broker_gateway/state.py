@@ -10,6 +10,7 @@ Layout::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass
@@ -66,6 +67,22 @@ class StateDir:
             token, seed = mint_service(name, self.keys.keypair(f"account-{account}", "account"))
             write_secret(path, jwt.creds_file(token, seed))
         return path
+
+    def lock(self) -> int:
+        """Hold the directory for one ``symbi up``: two servers must never share a store.
+
+        Returns the descriptor that holds the lock; it is released when closed
+        (or when the process dies).
+        """
+        fd = os.open(self.root / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(
+                f"state directory {self.root} is in use by another `symbi up`"
+            ) from exc
+        return fd
 
     def write_runtime(self, info: dict[str, Any]) -> None:
         write_secret(self.runtime_path, json.dumps(info, indent=2))

@@ -80,7 +80,7 @@ async def _list(args: argparse.Namespace) -> int:
         await gateway.close()
     if args.json:
         for r in records:
-            print(r.model_dump_json())
+            print(json.dumps({"address": r.address, **r.model_dump(mode="json")}))
         return 0
     rows = [("ADDRESS", "CLEARANCE", "CAPABILITIES", "STATUS")]
     rows += [(r.address, r.clearance, ",".join(r.capabilities) or "-", r.status) for r in records]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent_sdk.errors import ConfigError
 from broker_gateway.runtime import ChildSpec, Runtime, RuntimeConfig
+from broker_gateway.server import port_free
 from broker_gateway.state import StateDir
 from symbi.runner import run
 
@@ -32,12 +33,18 @@ def run_up(
             raise ConfigError(f"{name} {port}: not a TCP port")
     if workers < 0:
         raise ConfigError(f"--workers {workers}: must be 0 or more")
-    state = StateDir.open(state_dir)
+    # Everything is checked before anything is written or started.
     policy_path = Path(policies).absolute() if policies else None
     if policy_path is not None:
         from policy_worker.policy import load_policies
 
-        load_policies(policy_path)  # a bad file stops us here, before anything starts
+        load_policies(policy_path)
+    for name, port in (("NATS", nats_port), ("HTTP", http_port)):
+        if not port_free(port):
+            raise ConfigError(f"{name} port 127.0.0.1:{port} is already in use")
+    if nats_port == http_port:
+        raise ConfigError(f"--nats-port and --http-port are both {nats_port}")
+    state = StateDir.open(state_dir)
     config = RuntimeConfig(
         state_dir=state.root,
         nats_port=nats_port,

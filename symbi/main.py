@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from agent_sdk.errors import SymbiError
 from agent_sdk.names import LEVELS, TIERS
@@ -26,8 +27,15 @@ def _env_int(name: str, default: int) -> int:
         raise SymbiError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"symbi: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="symbi", description="Secure messaging between sandboxed AI agents over NATS."
     )
     parser.add_argument("--log-level", default=os.environ.get("SYMBIONT_LOG_LEVEL", "INFO"))
