@@ -1,4 +1,4 @@
-"""The command-line contract: bad input gives one clear line, a non-zero exit, and writes nothing."""
+"""The command-line contract: bad input gives one clear line, a non-zero exit, writes nothing."""
 
 from __future__ import annotations
 
