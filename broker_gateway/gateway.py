@@ -83,7 +83,7 @@ class Gateway:
     async def close(self) -> None:
         for nc in (self.router, self.system):
             if not nc.is_closed:
-                await nc.drain()
+                await nc.close()
 
     async def registry(self) -> Registry:
         if self._registry is None:

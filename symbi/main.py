@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst = agent_sub.add_parser("list", help="list registered agents")
     lst.add_argument("--json", action="store_true")
     state_opt(lst)
+    audit = sub.add_parser("audit", help="read the audit stream")
+    audit.add_argument("--since", default="1h", help="how far back: 30s, 10m, 2h (default 1h)")
+    audit.add_argument("--follow", action="store_true", help="keep following new records")
+    audit.add_argument("--json", action="store_true", help="one JSON record per line, as stored")
+    state_opt(audit)
     return parser
 
 
@@ -119,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symbi import cmd_agent
 
             return cmd_agent.run(args)
+        if args.command == "audit":
+            from symbi import cmd_audit
+
+            return cmd_audit.run(args)
     except SymbiError as exc:
         print(f"symbi: error: {exc}", file=sys.stderr)
         return 2
