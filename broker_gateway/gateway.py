@@ -7,6 +7,7 @@ consumers) and as the system user (pushing account JWTs), and is what
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -17,8 +18,9 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ServiceUnavailableError
 
 from agent_sdk.errors import BrokerError
 from agent_sdk.names import Level, check_agent_id, check_tier, inbox_subject, outbox_subject
@@ -126,11 +128,20 @@ class Gateway:
             if "error" in body:
                 raise BrokerError(f"account {name} refused: {body['error'].get('description')}")
 
-    async def ensure_streams(self, settings: StreamSettings) -> None:
-        try:
-            await ensure_all(self.js, settings)
-        except NatsError as exc:
-            raise BrokerError(f"cannot create the streams: {exc}") from exc
+    async def ensure_streams(self, settings: StreamSettings, wait_s: float = 60.0) -> None:
+        """Create the streams; a cluster that is still electing its leader is waited for."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                await ensure_all(self.js, settings)
+                return
+            except (ServiceUnavailableError, NatsTimeoutError) as exc:
+                if loop.time() > deadline:
+                    raise BrokerError(f"JetStream is not available: {exc}") from exc
+                await asyncio.sleep(1.0)
+            except NatsError as exc:
+                raise BrokerError(f"cannot create the streams: {exc}") from exc
 
     # -- agents -------------------------------------------------------------
 

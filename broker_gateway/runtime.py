@@ -28,6 +28,7 @@ from agent_sdk.names import TIERS
 from broker_gateway.accounts import build_trust, inbox_stream
 from broker_gateway.gateway import Gateway
 from broker_gateway.http import HttpEndpoint
+from broker_gateway.keys import route_signer_seed
 from broker_gateway.server import NatsServer, ServerConfig, port_free
 from broker_gateway.state import StateDir
 from broker_gateway.streams import AUDIT, INGRESS, StreamSettings
@@ -42,6 +43,9 @@ class RuntimeConfig:
     http_port: int | None = 8080
     workers: int = 2
     policies: Path | None = None
+    # A NATS server or cluster of the user's own, already configured with this
+    # state directory's trust (`symbi nats-config`); None runs the embedded one.
+    external_url: str | None = None
     streams: StreamSettings = field(default_factory=StreamSettings)
 
 
@@ -71,12 +75,14 @@ class Runtime:
 
     @property
     def url(self) -> str:
+        if self.config.external_url is not None:
+            return self.config.external_url
         return f"nats://127.0.0.1:{self.config.nats_port}"
 
     def preflight(self) -> None:
         """Fail before anything starts: ports in use."""
         cfg = self.config
-        if not port_free(cfg.nats_port):
+        if cfg.external_url is None and not port_free(cfg.nats_port):
             raise ConfigError(f"NATS port 127.0.0.1:{cfg.nats_port} is already in use")
         if cfg.http_port is not None and not port_free(cfg.http_port):
             raise ConfigError(f"HTTP port 127.0.0.1:{cfg.http_port} is already in use")
@@ -84,14 +90,17 @@ class Runtime:
     async def start(self) -> None:
         self.preflight()
         self._lock_fd = self.state.lock()
-        trust = build_trust(self.state.keys, {})
-        self.server = NatsServer(ServerConfig(self.state.root, self.config.nats_port), trust)
-        await self.server.start()
+        if self.config.external_url is None:
+            trust = build_trust(self.state.keys, {})
+            self.server = NatsServer(ServerConfig(self.state.root, self.config.nats_port), trust)
+            await self.server.start()
         try:
             self.gateway = await Gateway.connect(self.state, self.url)
             # Streams first: the tier accounts carry revocations kept in a bucket.
             await self.gateway.ensure_streams(self.config.streams)
             await self.gateway.push_accounts(list(TIERS))
+            # Before any worker starts: a worker refuses to mint a route key of its own.
+            route_signer_seed(self.state.keys)
             self._reset_metrics_dir()
             if self.config.http_port is not None:
                 self.http = HttpEndpoint(

@@ -62,28 +62,36 @@ class ServerConfig:
         return f"nats://{self.host}:{self.port}"
 
     def render(self, trust: Trust) -> str:
-        """The server configuration; JWT strings are quoted as JSON strings."""
+        """The embedded server's configuration: listener, JetStream and the trust."""
         nats_dir = self.state_dir / "nats"
-        # Only the accounts that never change are preloaded: the tier accounts
-        # (which carry revocations) are pushed by the gateway once the server
-        # runs, and the resolver directory keeps the last pushed version.
-        preload = "\n".join(
-            f"    {trust.accounts[name]}: {json.dumps(trust.account_jwts[name])}"
-            for name in (SYS, ROUTER)
-        )
         return f"""# Written by symbi up; regenerated at every start.
 server_name: {json.dumps(self.server_name)}
 listen: {json.dumps(f"{self.host}:{self.port}")}
-max_payload: {MAX_PAYLOAD}
-max_pending: {4 * MAX_PAYLOAD}
 jetstream {{
   store_dir: {json.dumps(str(nats_dir / "jetstream"))}
 }}
+{trust_config(trust, nats_dir / "jwt")}"""
+
+
+def trust_config(trust: Trust, jwt_dir: Path) -> str:
+    """What any nats-server (or every server of a cluster) needs to serve a symbi bus.
+
+    Operator mode with the NATS-based ``full`` resolver. Only the accounts that
+    never change are preloaded: the tier accounts (which carry revocations)
+    are pushed by the gateway once the server runs, and the resolver directory
+    keeps the last pushed version. JWT strings are quoted as JSON strings.
+    """
+    preload = "\n".join(
+        f"  {trust.accounts[name]}: {json.dumps(trust.account_jwts[name])}"
+        for name in (SYS, ROUTER)
+    )
+    return f"""max_payload: {MAX_PAYLOAD}
+max_pending: {4 * MAX_PAYLOAD}
 operator: {json.dumps(trust.operator_jwt)}
 system_account: {trust.system_account}
 resolver {{
   type: full
-  dir: {json.dumps(str(nats_dir / "jwt"))}
+  dir: {json.dumps(str(jwt_dir))}
   allow_delete: false
   interval: "2m"
   timeout: "2s"

@@ -11,6 +11,7 @@ from agent_sdk.errors import ConfigError
 from broker_gateway.runtime import ChildSpec, Runtime, RuntimeConfig
 from broker_gateway.server import port_free
 from broker_gateway.state import StateDir
+from broker_gateway.streams import StreamSettings
 from symbi.runner import run
 
 
@@ -26,23 +27,34 @@ def _children(runtime: Runtime) -> list[ChildSpec]:
 
 
 def run_up(
-    state_dir: str | None, nats_port: int, http_port: int, policies: str | None, workers: int
+    state_dir: str | None,
+    nats_port: int,
+    http_port: int,
+    policies: str | None,
+    workers: int,
+    nats_url: str | None = None,
+    replicas: int = 1,
 ) -> int:
     for name, port in (("--nats-port", nats_port), ("--http-port", http_port)):
         if not 1 <= port <= 65535:
             raise ConfigError(f"{name} {port}: not a TCP port")
     if workers < 0:
         raise ConfigError(f"--workers {workers}: must be 0 or more")
+    if not 1 <= replicas <= 5:
+        raise ConfigError(f"--replicas {replicas}: must be 1 to 5")
+    if replicas > 1 and nats_url is None:
+        raise ConfigError("--replicas above 1 needs a NATS cluster (--nats-url)")
     # Everything is checked before anything is written or started.
     policy_path = Path(policies).absolute() if policies else None
     if policy_path is not None:
         from policy_worker.policy import load_policies
 
         load_policies(policy_path)
-    for name, port in (("NATS", nats_port), ("HTTP", http_port)):
+    ports = [("HTTP", http_port)] if nats_url else [("NATS", nats_port), ("HTTP", http_port)]
+    for name, port in ports:
         if not port_free(port):
             raise ConfigError(f"{name} port 127.0.0.1:{port} is already in use")
-    if nats_port == http_port:
+    if nats_url is None and nats_port == http_port:
         raise ConfigError(f"--nats-port and --http-port are both {nats_port}")
     state = StateDir.open(state_dir)
     config = RuntimeConfig(
@@ -51,6 +63,8 @@ def run_up(
         http_port=http_port,
         workers=workers,
         policies=policy_path,
+        external_url=nats_url,
+        streams=StreamSettings(replicas=replicas),
     )
     return run(_serve(config))
 

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--policies", default=None, help="communication policies (YAML)")
     up.add_argument(
+        "--nats-url",
+        default=os.environ.get("SYMBIONT_NATS_URL"),
+        help="use this NATS server or cluster (configured with `symbi nats-config`) "
+        "instead of the embedded one",
+    )
+    up.add_argument("--replicas", type=int, default=1, help="stream replicas on a cluster")
+    up.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     lst = agent_sub.add_parser("list", help="list registered agents")
     lst.add_argument("--json", action="store_true")
     state_opt(lst)
+    ncfg = sub.add_parser(
+        "nats-config", help="write the trust configuration for a NATS server of your own"
+    )
+    ncfg.add_argument("--out", required=True, help="file to write (include it in nats-server.conf)")
+    ncfg.add_argument("--jwt-dir", required=True, help="the server's resolver directory")
+    state_opt(ncfg)
     audit = sub.add_parser("audit", help="read the audit stream")
     audit.add_argument("--since", default="1h", help="how far back: 30s, 10m, 2h (default 1h)")
     audit.add_argument("--follow", action="store_true", help="keep following new records")
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.http_port is not None
                 else _env_int("SYMBIONT_COMM_BUS_PORT", 8080),
                 policies=args.policies,
+                nats_url=args.nats_url,
+                replicas=args.replicas,
                 workers=args.workers
                 if args.workers is not None
                 else _env_int("SYMBIONT_COMM_BUS_THREADS", 2),
@@ -124,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symbi import cmd_agent
 
             return cmd_agent.run(args)
+        if args.command == "nats-config":
+            from symbi.cmd_nats_config import run as run_nats_config
+
+            return run_nats_config(args.state_dir, args.out, args.jwt_dir)
         if args.command == "audit":
             from symbi import cmd_audit
 

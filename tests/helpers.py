@@ -60,6 +60,7 @@ class SymbiUp:
     policies: Path | None = None
     nats_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    extra: tuple[str, ...] = ()
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
 
@@ -84,6 +85,7 @@ class SymbiUp:
         ]
         if self.policies is not None:
             argv += ["--policies", str(self.policies)]
+        argv += list(self.extra)
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
         )
