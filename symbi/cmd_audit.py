@@ -17,13 +17,10 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
 from agent_sdk.errors import ConfigError
+from broker_gateway.audit_reader import read_audit
 from broker_gateway.gateway import Gateway
 from broker_gateway.state import StateDir
-from broker_gateway.streams import AUDIT
 from symbi import runner
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
@@ -59,42 +56,18 @@ async def _read(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        js = gateway.js
-        last = (await js.stream_info(AUDIT)).state.last_seq
-        start = datetime.fromtimestamp(time.time() - since_s, UTC)
-        sub = await js.pull_subscribe(
-            "audit.>",
-            durable=None,
-            stream=AUDIT,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_TIME,
-                opt_start_time=start,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=60.0,
-            ),
-        )
         if not args.json:
             print(format_row({c: c.upper() for c in COLUMNS}))
-        caught_up = False
-        while not stop.is_set():
-            try:
-                batch = await sub.fetch(256, timeout=1.0)
-            except NatsTimeout:
-                batch = []
-                caught_up = True
-            for msg in batch:
-                if args.json:
-                    sys.stdout.write(msg.data.decode(errors="replace") + "\n")
-                else:
-                    try:
-                        print(format_row(json.loads(msg.data)))
-                    except ValueError:
-                        print(f"(unreadable record at sequence {msg.metadata.sequence.stream})")
-                if msg.metadata.sequence.stream >= last:
-                    caught_up = True
+        since = datetime.fromtimestamp(time.time() - since_s, UTC)
+        async for raw in read_audit(gateway.js, since, follow=args.follow, stop=stop):
+            if args.json:
+                sys.stdout.write(raw.decode(errors="replace") + "\n")
+            else:
+                try:
+                    print(format_row(json.loads(raw)))
+                except ValueError:
+                    print("(unreadable record)")
             sys.stdout.flush()
-            if caught_up and not args.follow:
-                break
     finally:
         await gateway.close()
     return 0
