@@ -42,7 +42,7 @@ async def read_audit(
         while stop is None or not stop.is_set():
             try:
                 batch = await sub.fetch(256, timeout=1.0)
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # nats.py raises either
                 batch = []
                 caught_up = True
             for msg in batch:
