@@ -38,7 +38,14 @@ def server_binary() -> str:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now.
+
+    SO_REUSEADDR, as nats-server and asyncio set it: connections of a server
+    that just stopped, still in TIME_WAIT, do not make the port busy, while a
+    live listener still does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

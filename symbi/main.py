@@ -96,12 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     lst = agent_sub.add_parser("list", help="list registered agents")
     lst.add_argument("--json", action="store_true")
     state_opt(lst)
+    from launchers.cli import add_parsers as add_launcher_parsers
+
+    add_launcher_parsers(agent_sub)
     ncfg = sub.add_parser(
         "nats-config", help="write the trust configuration for a NATS server of your own"
     )
     ncfg.add_argument("--out", required=True, help="file to write (include it in nats-server.conf)")
     ncfg.add_argument("--jwt-dir", required=True, help="the server's resolver directory")
     state_opt(ncfg)
+    demo = sub.add_parser(
+        "demo", help="run the stack and six agents of three tiers, and report what happened"
+    )
+    demo.add_argument(
+        "--state-dir",
+        default=None,
+        help="keep everything here (default: a temporary directory, removed afterwards)",
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory")
     audit = sub.add_parser("audit", help="read the audit stream")
     audit.add_argument("--since", default="1h", help="how far back: 30s, 10m, 2h (default 1h)")
     audit.add_argument("--follow", action="store_true", help="keep following new records")
@@ -135,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.workers is not None
                 else _env_int("SYMBIONT_COMM_BUS_THREADS", 2),
             )
+        if args.command == "agent" and args.agent_command in ("launch", "stop", "logs"):
+            from launchers import cli as launcher_cli
+
+            return launcher_cli.run(args)
         if args.command == "agent":
             from symbi import cmd_agent
 
@@ -143,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symbi.cmd_nats_config import run as run_nats_config
 
             return run_nats_config(args.state_dir, args.out, args.jwt_dir)
+        if args.command == "demo":
+            from pathlib import Path
+
+            from symbi.cmd_demo import run_demo
+            from symbi.runner import run
+
+            return run(run_demo(Path(args.state_dir) if args.state_dir else None, args.keep))
         if args.command == "audit":
             from symbi import cmd_audit
 

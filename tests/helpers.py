@@ -96,7 +96,7 @@ class SymbiUp:
             if not line:
                 break
             self.output.append(line)
-            if "ready" in line:
+            if line.startswith("symbi: ready on"):
                 return
         self.proc.kill()
         raise RuntimeError("symbi up did not become ready:\n" + "".join(self.output))
@@ -194,3 +194,119 @@ async def connect_refused(url: str, creds: Path) -> str:
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
     return refusal
+
+
+# -- policy-worker tests: agents that craft envelopes with plain nats.py -------
+
+
+@dataclass
+class Sender:
+    """A registered agent on plain nats.py that signs its own envelopes (no client SDK)."""
+
+    address: str
+    info: dict[str, Any]
+    signer: Any  # agent_sdk.signing.Signer
+    nc: Client
+    creds: Path | None = None
+    inbox_sub: Any = None
+
+    @property
+    def outbox(self) -> str:
+        return str(self.info["outbox"])
+
+    def envelope(self, to: str, payload: bytes = b"", **fields: Any) -> Any:
+        """A signed envelope from this agent (type data, level public unless given)."""
+        from agent_sdk.envelope import build, sign
+
+        fields.setdefault("type", "data")
+        fields.setdefault("level", "public")
+        return sign(build(sender=self.address, to=to, payload=payload, **fields), self.signer)
+
+    async def send(self, env: Any, headers: dict[str, str] | None = None) -> int:
+        """Publish on the outbox; the ingress stream sequence of the stored message."""
+        from agent_sdk.envelope import to_headers
+
+        ack = await self.nc.jetstream().publish(
+            self.outbox, env.payload, headers=headers if headers is not None else to_headers(env)
+        )
+        return int(ack.seq)
+
+    async def receive(self, msg_id: str, timeout: float = 20.0) -> Any:
+        """Pull the durable inbox (acking as it goes) until the delivery of ``msg_id``."""
+        if self.inbox_sub is None:
+            self.inbox_sub = await self.nc.jetstream().pull_subscribe_bind(
+                self.info["inbox_consumer"], stream=self.info["inbox_stream"]
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msgs = await self.inbox_sub.fetch(16, timeout=0.5)
+            except TimeoutError:  # nats.py raises its own subclass, or asyncio's
+                continue
+            found = None
+            for msg in msgs:
+                await msg.ack()
+                if (msg.headers or {}).get("Symbi-Id") == msg_id:
+                    found = msg
+            if found is not None:
+                return found
+        raise AssertionError(f"{self.address} never received {msg_id}")
+
+
+async def register_sender(gateway: Any, tier: str, agent_id: str, **kwargs: Any) -> Sender:
+    """Register with ``broker_gateway.Gateway`` (fast: no subprocess) and connect."""
+    import tempfile
+
+    from agent_sdk.signing import Signer
+    from broker_gateway import jwt
+
+    creds = await gateway.register_agent(tier, agent_id, **kwargs)
+    directory = Path(tempfile.mkdtemp(prefix=f"{tier}-{agent_id}-"))
+    (directory / "agent.creds").write_text(creds.creds)
+    _, seed = jwt.parse_creds(creds.creds)
+    nc = await nats.connect(
+        creds.info["nats_url"],
+        user_credentials=str(directory / "agent.creds"),
+        inbox_prefix=creds.info["inbox_prefix"].encode(),
+    )
+    return Sender(
+        creds.info["address"], creds.info, Signer.from_seed(seed), nc, directory / "agent.creds"
+    )
+
+
+class AuditLog:
+    """Every record of the AUDIT stream, followed live with an ordered consumer."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.subjects: list[str] = []
+        self._sub: Any = None
+
+    async def start(self, nc: Client) -> AuditLog:
+        async def on_msg(msg: Any) -> None:
+            self.records.append(json.loads(msg.data))
+            self.subjects.append(msg.subject)
+
+        self._sub = await nc.jetstream().subscribe(
+            "audit.>", stream="AUDIT", ordered_consumer=True, cb=on_msg
+        )
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    def find(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.records if all(r.get(k) == v for k, v in match.items())]
+
+    async def wait(
+        self, count: int = 1, timeout: float = 20.0, **match: Any
+    ) -> list[dict[str, Any]]:
+        """The records with these field values, once there are at least ``count``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.find(**match)
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"expected {count} audit records {match}, got {self.find(**match)}")

@@ -1,0 +1,38 @@
+"""Sandbox launchers: Docker, gVisor, micro-VM, Firecracker and bubblewrap backends.
+
+:class:`Launcher` registers an agent, hands it its credentials and starts it
+in a :class:`SandboxBackend`; ``launchers.cli`` holds the ``symbi agent
+launch | stop | logs`` commands. Backends are imported on first use, so that
+the Docker SDK is needed only by the Docker-based ones.
+"""
+
+from launchers.backend import (
+    BACKENDS,
+    BackendName,
+    Limits,
+    Sandbox,
+    SandboxBackend,
+    SandboxDir,
+    SandboxSpec,
+    SandboxStatus,
+)
+from launchers.launch import Launcher, LaunchRequest
+from launchers.revocation_watch import watch_revocations
+from launchers.selection import choose_backend, default_backend, make_backend
+
+__all__ = [
+    "BACKENDS",
+    "BackendName",
+    "LaunchRequest",
+    "Launcher",
+    "Limits",
+    "Sandbox",
+    "SandboxBackend",
+    "SandboxDir",
+    "SandboxSpec",
+    "SandboxStatus",
+    "choose_backend",
+    "default_backend",
+    "make_backend",
+    "watch_revocations",
+]
