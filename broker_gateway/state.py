@@ -44,7 +44,7 @@ class StateDir:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
             elif not path.is_dir():
                 raise ConfigError(f"state directory {path} does not exist (is `symbi up` running?)")
-            probe = path / ".write-test"
+            probe = path / f".write-test-{os.getpid()}"  # processes open it concurrently
             probe.write_text("")
             probe.unlink()
         except OSError as exc:

@@ -15,7 +15,7 @@ from broker_gateway.streams import StreamSettings
 from symbi.runner import run
 
 
-def _children(runtime: Runtime) -> list[ChildSpec]:
+def worker_children(runtime: Runtime) -> list[ChildSpec]:
     return [
         ChildSpec(
             f"worker-{i}",
@@ -70,7 +70,7 @@ def run_up(
 
 
 async def _serve(config: RuntimeConfig) -> int:
-    runtime = Runtime(config, children=_children)
+    runtime = Runtime(config, children=worker_children)
     runtime.preflight()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,208 @@
+"""The worker's one seam to JetStream: acknowledged publishes and KV reads and writes.
+
+Everything a batch writes (deliveries, audit records, nonce entries, rate
+state) goes through :meth:`JetStreamIO.publish_all`, which sends every
+message at once and then waits for all the PubAcks together: one round trip
+per batch stage instead of one per message. It is nats-py's
+``publish_async`` pattern (a reply subject per publish under one wildcard
+subscription) made leaner for this hot path: a counter instead of random
+tokens, no semaphore, and PubAcks read into a small :class:`Ack` instead of
+nats-py's dataclass, which roughly halves the client-side cost of a publish
+(measured: about a quarter of a worker's CPU went there). A KV write is a
+publish onto ``$KV.<bucket>.<key>`` with ``Nats-Expected-Last-Subject-Sequence``
+(0 means "must not exist"), exactly what nats-py's ``KeyValue.create`` and
+``update`` send.
+
+nats errors are mapped here, at the boundary: a lost compare-and-set becomes
+:class:`RevisionConflict`, anything else :class:`~agent_sdk.errors.PublishError`
+or :class:`~agent_sdk.errors.BrokerError`. Results come back per message, so
+one failed publish fails only the ingress message it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from agent_sdk.errors import BrokerError, PublishError
+
+EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
+# JSStreamWrongLastSequenceErrF and its constant variant.
+_WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+
+
+class RevisionConflict(BrokerError):
+    """A KV compare-and-set lost: the key exists, or changed since the given revision."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One message to publish and have acknowledged by a stream."""
+
+    subject: str
+    payload: bytes = field(repr=False)
+    headers: Mapping[str, str] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    revision: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A stream's acknowledgement of one publish."""
+
+    stream: str
+    seq: int
+    duplicate: bool = False
+
+
+PublishResult = Ack | BrokerError
+
+
+class JetStreamIO:
+    """Acknowledged publishes and KV operations on one connection."""
+
+    def __init__(self, nc: Client, *, timeout_s: float) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=timeout_s)
+        self.timeout_s = timeout_s
+        self._kv: dict[str, KeyValue] = {}
+        self._reply_prefix = ""
+        self._reply_sub: Subscription | None = None
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count(1)
+
+    async def open_bucket(self, bucket: str) -> KeyValue:
+        """The KV handle of ``bucket``, kept for later reads."""
+        try:
+            kv = await self.js.key_value(bucket)
+        except NatsError as exc:
+            raise BrokerError(f"KV bucket {bucket} is not available: {exc!r}") from exc
+        self._kv[bucket] = kv
+        return kv
+
+    async def _replies(self) -> str:
+        if self._reply_sub is None:
+            prefix = self.nc.new_inbox() + "."
+            try:
+                self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+            except NatsError as exc:
+                raise BrokerError(f"cannot subscribe for PubAcks: {exc!r}") from exc
+            self._reply_prefix = prefix
+        return self._reply_prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        fut = self._waiting.pop(msg.subject[len(self._reply_prefix) :], None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def publish_all(self, requests: Sequence[Publish]) -> list[PublishResult]:
+        """Publish every request concurrently; one :class:`Ack` or error per request, in order."""
+        if not requests:
+            return []
+        prefix = await self._replies()
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[str, asyncio.Future[Msg]] | BrokerError] = []
+        for req in requests:
+            token = str(next(self._tokens))
+            fut: asyncio.Future[Msg] = loop.create_future()
+            self._waiting[token] = fut
+            try:
+                await self.nc.publish(
+                    req.subject,
+                    req.payload,
+                    reply=prefix + token,
+                    headers=dict(req.headers) if req.headers else None,
+                )
+            except (NatsError, OSError) as exc:
+                self._waiting.pop(token, None)
+                sent.append(PublishError(f"publish to {req.subject} failed: {exc!r}"))
+                continue
+            sent.append((token, fut))
+        pending = [s[1] for s in sent if not isinstance(s, BrokerError) and not s[1].done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.timeout_s)
+        results: list[PublishResult] = []
+        for entry, req in zip(sent, requests, strict=True):
+            if isinstance(entry, BrokerError):
+                results.append(entry)
+                continue
+            token, fut = entry
+            if not fut.done():
+                self._waiting.pop(token, None)
+                fut.cancel()
+                results.append(PublishError(f"no PubAck for {req.subject} in time"))
+            else:
+                results.append(_read_ack(fut.result(), req.subject))
+        return results
+
+    async def publish(self, req: Publish) -> Ack:
+        """Publish one message and return its :class:`Ack`, or raise."""
+        [result] = await self.publish_all([req])
+        if isinstance(result, BrokerError):
+            raise result
+        return result
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        """The current entry of ``key``, or None if there is none (or it was deleted)."""
+        kv = self._kv.get(bucket) or await self.open_bucket(bucket)
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        except (TimeoutError, NatsError, OSError) as exc:
+            raise BrokerError(f"KV read of {bucket}/{key} failed: {exc!r}") from exc
+        if entry.revision is None:
+            raise BrokerError(f"KV read of {bucket}/{key} returned no revision")
+        return KvEntry(entry.revision, entry.value or b"")
+
+    @staticmethod
+    def kv_write_request(bucket: str, key: str, value: bytes, last: int) -> Publish:
+        """A compare-and-set write: ``last`` is the expected revision, 0 for "absent"."""
+        return Publish(f"$KV.{bucket}.{key}", value, {EXPECTED_LAST_SUBJECT_SEQ: str(last)})
+
+    async def kv_write(self, bucket: str, key: str, value: bytes, last: int) -> int:
+        """Write ``key`` if its revision is still ``last``; the new revision, or raise."""
+        ack = await self.publish(self.kv_write_request(bucket, key, value, last))
+        return ack.seq
+
+
+def _read_ack(msg: Msg, subject: str) -> PublishResult:
+    """The PubAck (or error) that a stream answered to a publish on ``subject``."""
+    if not msg.data:  # a status: 503 no responders, i.e. no stream on that subject
+        status = (msg.headers or {}).get("Status", "?")
+        return PublishError(f"no stream took {subject} (status {status})")
+    try:
+        body = json.loads(msg.data)
+        if "error" in body:
+            error = body["error"]
+            description = str(error.get("description", "error"))
+            if error.get("err_code") in _WRONG_LAST_SEQUENCE:
+                return RevisionConflict(f"{subject}: {description}")
+            return PublishError(f"{subject}: {description}")
+        return Ack(str(body["stream"]), int(body["seq"]), bool(body.get("duplicate", False)))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return PublishError(f"unreadable PubAck for {subject}: {exc!r}")
+
+
+async def close_quietly(nc: Client) -> None:
+    """Drain and close a connection, ignoring a connection that is already gone."""
+    with contextlib.suppress(NatsError, OSError, asyncio.TimeoutError):
+        if not nc.is_closed:
+            await nc.drain()

@@ -1,0 +1,195 @@
+"""The fetch loop: pull requests kept open on the shared ``workers`` consumer.
+
+nats-py's ``fetch(n, timeout)`` returns only when ``n`` messages have come or
+the timeout has passed, so under light load every message would wait for the
+timeout (see the team's measurement notes). Instead, this consumer keeps its
+own pull requests open on the durable consumer (exactly what
+``pull_subscribe_bind`` + ``fetch`` send, on a private inbox) and hands out
+*whatever has arrived* as soon as at least one message is there: a batch is
+one message under light load and up to ``window`` under a backlog, with no
+waiting either way.
+
+Accounting: ``outstanding`` counts messages requested but not yet received.
+It drops by one per message and, when a request ends early, by the
+``Nats-Pending-Messages`` of its 408/409 status. New requests top it up to
+``window`` (counting messages received but not yet taken) once half of it is
+used, so the next messages are already on their way while a batch is being
+processed. Requests expire after ``expires_s``: that bounds how long a
+stopping worker waits for messages already assigned to it (none are stranded
+until the 30 s ack wait), and a lost request (after a reconnect) is renewed
+after the watchdog interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from typing import Final
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from agent_sdk.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+STATUS: Final = "Status"
+PENDING_MESSAGES: Final = "Nats-Pending-Messages"
+# Larger than the biggest message the server accepts (4 MiB), so one always fits.
+MAX_BYTES_PER_REQUEST: Final = 32 * 1024 * 1024
+_ERROR_BACKOFF_S: Final = 0.5
+
+
+class PullConsumer:
+    """A stream of batches from one durable pull consumer."""
+
+    def __init__(
+        self, nc: Client, stream: str, consumer: str, *, window: int, expires_s: float
+    ) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.consumer = consumer
+        self.window = window
+        self.expires_s = expires_s
+        self.outstanding = 0
+        self.requests = 0
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._buffer: collections.deque[Msg] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._last_request = 0.0
+        self._last_activity = 0.0
+        self._paused_until = 0.0
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        try:
+            self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        except NatsError as exc:
+            raise BrokerError(f"cannot subscribe for pulled messages: {exc!r}") from exc
+
+    @property
+    def idle(self) -> bool:
+        """Nothing requested is still on its way, and nothing received is left."""
+        return self.outstanding == 0 and not self._buffer
+
+    def stop_requesting(self) -> None:
+        """Ask for nothing more; what was already requested still arrives."""
+        self._stopping = True
+        self._wakeup.set()
+
+    def reset(self) -> None:
+        """Forget open requests (after a reconnect the server has dropped them)."""
+        self.outstanding = 0
+        self._wakeup.set()
+
+    async def release(self) -> int:
+        """Hand back received but unprocessed messages at once (no waiting out the ack wait)."""
+        released = 0
+        while self._buffer:
+            msg = self._buffer.popleft()
+            try:
+                await msg.nak()
+            except NatsError as exc:
+                log.debug("handing back a message failed: %r", exc)
+                continue
+            released += 1
+        return released
+
+    async def close(self) -> None:
+        await self.release()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except NatsError as exc:
+                log.debug("unsubscribing the pull inbox failed: %r", exc)
+            self._sub = None
+
+    async def next_batch(self, limit: int, wait_s: float) -> list[Msg]:
+        """Up to ``limit`` messages, as soon as one is there; [] after ``wait_s`` without any."""
+        deadline = time.monotonic() + wait_s
+        while not self._buffer:
+            await self._top_up()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._wakeup.clear()
+            if self._buffer:
+                break
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), min(remaining, self.expires_s))
+            except TimeoutError:
+                self._watchdog()
+        batch = [self._buffer.popleft() for _ in range(min(limit, len(self._buffer)))]
+        await self._top_up()
+        return batch
+
+    async def _top_up(self) -> None:
+        if self._stopping or self.nc.is_closed or not self.nc.is_connected:
+            return
+        now = time.monotonic()
+        if now < self._paused_until:
+            return
+        free = self.window - self.outstanding - len(self._buffer)
+        if free <= 0 or (self.outstanding > 0 and free < max(1, self.window // 2)):
+            return
+        request = {
+            "batch": free,
+            "expires": int(self.expires_s * 1e9),
+            "max_bytes": MAX_BYTES_PER_REQUEST,
+        }
+        try:
+            await self.nc.publish(
+                self._next_subject, json.dumps(request).encode(), reply=self._inbox
+            )
+        except NatsError as exc:
+            log.warning("pull request failed: %r", exc)
+            self._paused_until = now + _ERROR_BACKOFF_S
+            return
+        self.outstanding += free
+        self.requests += 1
+        self._last_request = now
+
+    def _watchdog(self) -> None:
+        """Renew requests that neither delivered nor expired in time (lost on a reconnect)."""
+        now = time.monotonic()
+        silent = now - max(self._last_request, self._last_activity)
+        if self.outstanding > 0 and silent > self.expires_s + 2.0:
+            log.info("renewing %d pulled messages that never came", self.outstanding)
+            self.outstanding = 0
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_activity = time.monotonic()
+        if msg.reply:  # a message to process: it has its acknowledgement subject
+            self.outstanding = max(0, self.outstanding - 1)
+            self._buffer.append(msg)
+            self._wakeup.set()
+            return
+        headers = msg.headers or {}
+        status = headers.get(STATUS, "")
+        if status == "100":  # idle heartbeat
+            return
+        try:
+            left = int(headers.get(PENDING_MESSAGES, ""))
+        except ValueError:
+            left = self.outstanding  # unknown: assume the whole request is over
+        self.outstanding = max(0, self.outstanding - left)
+        description = headers.get("Description", "")
+        if status not in ("404", "408", "409") or _abnormal_409(description):
+            # No JetStream (503), a bad request, the consumer gone: not the normal end
+            # of a request ("Batch Completed", "Request Timeout", "... MaxBytes"), so
+            # don't ask again at once.
+            log.warning("pull request ended: %s %s", status, description)
+            self._paused_until = time.monotonic() + _ERROR_BACKOFF_S
+        self._wakeup.set()
+
+
+def _abnormal_409(description: str) -> bool:
+    return any(word in description for word in ("Deleted", "push", "MaxWaiting", "Leadership"))

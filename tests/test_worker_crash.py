@@ -1,0 +1,215 @@
+"""Workers that die, and a rate shared by workers (slow: real processes, real time).
+
+``symbi up --workers 0`` runs the broker; the tests start and stop their own
+worker processes, so they can kill one at a chosen moment. A killed worker's
+unacknowledged messages come back after the consumer's 30 s ack wait, which
+is what makes the kill test slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from agent_sdk.envelope import to_headers
+from broker_gateway.gateway import Gateway
+from broker_gateway.state import StateDir
+from policy_worker.rate_limit import take
+from tests.helpers import REPO, AuditLog, Sender, SymbiUp, register_sender
+
+pytestmark = pytest.mark.slow
+
+RATE, BURST = 40.0, 20
+POLICIES = f"""
+communication_policies:
+  - name: docker_to_docker
+    source_tier: docker
+    destination_tier: docker
+    allowed_message_types: [data]
+    rate_limits: {{messages_per_second: 1000000, burst_size: 1000000}}
+  - name: firecracker_to_docker
+    source_tier: firecracker
+    destination_tier: docker
+    allowed_message_types: [data]
+    rate_limits: {{messages_per_second: {RATE}, burst_size: {BURST}}}
+"""
+
+
+@dataclass
+class World:
+    up: SymbiUp
+    router: Client
+    audit: AuditLog
+    agents: dict[str, Sender]
+    workers: list[subprocess.Popen[bytes]]
+
+    def start_workers(self, count: int, prefix: str) -> list[subprocess.Popen[bytes]]:
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env.update(SYMBIONT_STATE_DIR=str(self.up.state_dir), SYMBIONT_NATS_URL=self.up.url)
+        policies = str(self.up.policies)
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "policy_worker",
+                    "--name",
+                    f"{prefix}-{i}",
+                    "--policies",
+                    policies,
+                ],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+            for i in range(count)
+        ]
+        self.workers.extend(procs)
+        return procs
+
+
+def stop_gracefully(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SymbiUp]:
+    root = tmp_path_factory.mktemp("crash")
+    (root / "policies.yaml").write_text(POLICIES)
+    bus = SymbiUp(root / "state", workers=0, policies=root / "policies.yaml")
+    bus.start()
+    yield bus
+    assert bus.stop() == 0, "".join(bus.output)
+
+
+@pytest.fixture(scope="module")
+async def world(up: SymbiUp) -> AsyncIterator[World]:
+    state = StateDir.open(up.state_dir, create=False)
+    gateway = await Gateway.connect(state, up.url)
+    router = await nats.connect(up.url, user_credentials=str(state.service_creds("router")))
+    audit = await AuditLog().start(router)
+    agents = {}
+    for tier, agent_id in [("firecracker", "f1"), ("docker", "sink"), ("docker", "sink2")] + [
+        ("docker", f"s{i}") for i in range(5)
+    ]:
+        agent = await register_sender(gateway, tier, agent_id)
+        agents[agent.address] = agent
+    await gateway.close()
+    world = World(up, router, audit, agents, [])
+    yield world
+    for proc in world.workers:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    await audit.stop()
+    for agent in agents.values():
+        await agent.nc.close()
+    await router.close()
+
+
+async def _wait(what: str, done: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_rate_limit_is_shared_by_two_workers(world: World) -> None:
+    workers = world.start_workers(2, "rate")
+    f1 = world.agents["firecracker.f1"]
+    await asyncio.sleep(1.0)  # let both workers bind to the consumer
+    ids: list[str] = []
+    sent_ms: list[float] = []
+    start = time.monotonic()
+    for i in range(1000):  # 100/s for 10 s: 2.5 times the rate
+        delay = start + i / 100 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        env = f1.envelope("docker.sink2", b"%d" % i)
+        sent_ms.append(time.time() * 1000)
+        ids.append(env.id)
+        await f1.nc.publish(f1.outbox, env.payload, headers=to_headers(env))
+    await f1.nc.flush()
+    wanted = set(ids)
+    await _wait(
+        "every message audited",
+        lambda: len({r["id"] for r in world.audit.records if r["id"] in wanted}) == len(ids),
+        60,
+    )
+    allowed = sum(1 for r in world.audit.records if r["id"] in wanted and r["reason"] == "ok")
+    limited = sum(
+        1 for r in world.audit.records if r["id"] in wanted and r["reason"] == "rate_limited"
+    )
+    assert allowed + limited == len(ids)
+    # What one ideal token bucket admits for exactly these send times.
+    state: bytes | None = None
+    expected = 0
+    for now in sent_ms:
+        admitted, state = take(state, now, RATE, BURST)
+        expected += admitted
+    assert abs(allowed - expected) <= 0.1 * expected, (allowed, expected)
+    js = world.router.jetstream()
+    info = await js.stream_info("INBOX_DOCKER", subjects_filter="tier.docker.agent.sink2.in")
+    assert info.state.subjects == {"tier.docker.agent.sink2.in": allowed}
+    assert [stop_gracefully(w) for w in workers] == [0, 0]
+
+
+async def test_killed_worker_loses_and_duplicates_nothing(world: World) -> None:
+    workers = world.start_workers(2, "kill")
+    await asyncio.sleep(1.0)
+    senders = [world.agents[f"docker.s{i}"] for i in range(5)]
+    envs = [(s, s.envelope("docker.sink", b"m%d" % n)) for n in range(1000) for s in senders]
+    wanted = {env.id for _, env in envs}
+    futures = [
+        await s.nc.jetstream().publish_async(s.outbox, env.payload, headers=to_headers(env))
+        for s, env in envs
+    ]
+    await asyncio.gather(*futures)
+
+    def audited() -> set[str]:
+        return {r["id"] for r in world.audit.records if r["id"] in wanted}
+
+    await _wait("a third of the stream", lambda: len(audited()) >= 1500, 60)
+    workers[0].kill()  # SIGKILL, mid-stream: its unacknowledged messages come back
+    assert workers[0].wait(10) == -signal.SIGKILL
+    await _wait("every message audited", lambda: len(audited()) == len(wanted), 150)
+
+    js = world.router.jetstream()
+    deadline = time.monotonic() + 30
+    while True:  # every ingress message acknowledged (a work queue then deletes it)
+        consumer = await js.consumer_info("INGRESS", "workers")
+        if consumer.num_pending == consumer.num_ack_pending == 0:
+            break
+        assert time.monotonic() < deadline, consumer
+        await asyncio.sleep(0.2)
+    records = [r for r in world.audit.records if r["id"] in wanted]
+    assert len(records) == len(wanted)  # audited exactly once
+    assert all(r["reason"] == "ok" for r in records)
+
+    info = await js.stream_info("INBOX_DOCKER", subjects_filter="tier.docker.agent.sink.in")
+    assert info.state.subjects == {"tier.docker.agent.sink.in": len(wanted)}
+    delivered: list[str] = []
+    sub = await js.subscribe(
+        "tier.docker.agent.sink.in", stream="INBOX_DOCKER", ordered_consumer=True
+    )
+    while len(delivered) < len(wanted):
+        msg = await sub.next_msg(timeout=10)
+        delivered.append(msg.headers["Symbi-Id"])
+    await sub.unsubscribe()
+    assert len(set(delivered)) == len(delivered) == len(wanted)  # each exactly once
+    assert set(delivered) == wanted
+    assert stop_gracefully(workers[1]) == 0
