@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -22,7 +20,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ServiceUnavailableError
 
-from agent_sdk.errors import BrokerError
+from agent_sdk.errors import BrokerError, RegistryError
 from agent_sdk.names import Level, check_agent_id, check_tier, inbox_subject, outbox_subject
 from agent_sdk.sealing import EncryptionKeyPair
 from broker_gateway import jwt
@@ -37,17 +35,11 @@ from broker_gateway.streams import (
     ensure_all,
     inbox_consumer_config,
 )
-from broker_gateway.users import DEFAULT_AGENT_TTL_S, mint_agent
+from broker_gateway.users import DEFAULT_AGENT_TTL_S, MAX_AGENT_TTL_S, agent_jwt, mint_agent
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class AgentCredentials:
-    """What an agent needs to connect: the creds file text and its ``agent.json``."""
-
-    creds: str
-    info: dict[str, Any]
+__all__ = ["AgentCredentials", "Gateway"]
 
 
 class Gateway:
@@ -102,13 +94,19 @@ class Gateway:
             keys = await kv.keys()
         except NoKeysError:
             return result
+        oldest = int(time.time()) - MAX_AGENT_TTL_S
         for key in keys:
             tier, _, user = key.partition(".")
             try:
                 entry = await kv.get(key)
             except KeyNotFoundError:
                 continue
-            result.setdefault(tier, {})[user] = int((entry.value or b"0").decode())
+            revoked_at = int((entry.value or b"0").decode())
+            if revoked_at < oldest:
+                # Every JWT issued before it has expired: keep the account short.
+                await kv.delete(key)
+                continue
+            result.setdefault(tier, {})[user] = revoked_at
         return result
 
     async def trust(self) -> Trust:
@@ -153,53 +151,29 @@ class Gateway:
         capabilities: tuple[str, ...] = (),
         subscriptions: tuple[str, ...] = (),
         ttl_s: int = DEFAULT_AGENT_TTL_S,
+        reserved_ok: bool = False,
     ) -> AgentCredentials:
         """Mint credentials with the tier's scoped key and record the agent."""
         tier = check_tier(tier)
-        check_agent_id(agent_id)
         trust = await self.trust()
-        token, seed = mint_agent(
+        signer = TierSigner(
             tier,
-            agent_id,
-            trust.accounts[tier],
             self.state.keys.keypair(f"scope-{tier}", "account"),
-            ttl_s=ttl_s,
+            trust.accounts[tier],
+            public_key(route_signer_seed(self.state.keys)),
         )
-        user_public = jwt.decode(token, verify=False)["sub"]
-        enc = EncryptionKeyPair.generate()
-        record = AgentRecord(
-            tier=tier,
-            id=agent_id,
-            public_key=user_public,
-            encryption_public_key=enc.public_key,
+        return await register(
+            self.js,
+            await self.registry(),
+            signer,
+            self.url,
+            agent_id,
             clearance=clearance,
-            capabilities=tuple(sorted(set(capabilities))),
+            capabilities=capabilities,
             subscriptions=subscriptions,
-            created_ms=int(time.time() * 1000),
+            ttl_s=ttl_s,
+            reserved_ok=reserved_ok,
         )
-        registry = await self.registry()
-        await registry.create(record)
-        await self.js.add_consumer(inbox_stream(tier), inbox_consumer_config(tier, agent_id))
-        info = {
-            "address": record.address,
-            "tier": tier,
-            "id": agent_id,
-            "nats_url": self.url,
-            "outbox": outbox_subject(tier, agent_id),
-            "inbox": inbox_subject(tier, agent_id),
-            "public_key": user_public,
-            "clearance": clearance,
-            "capabilities": list(record.capabilities),
-            "subscriptions": list(subscriptions),
-            "encryption_public_key": enc.public_key,
-            "encryption_secret_key": enc.secret_key,
-            "inbox_prefix": agent_inbox_prefix(agent_id),
-            "inbox_stream": inbox_stream(tier),
-            "inbox_consumer": agent_id,
-            "router_public_key": public_key(route_signer_seed(self.state.keys)),
-            "expires": jwt.decode(token, verify=False)["exp"],
-        }
-        return AgentCredentials(jwt.creds_file(token, seed), info)
 
     async def revoke_agent(self, tier: str, agent_id: str) -> AgentRecord:
         """Revoke in the registry (workers deny it at once) and in the tier's account JWT."""

@@ -13,11 +13,15 @@ from typing import Any
 
 import nkeys
 
+from agent_sdk.errors import ConfigError
 from agent_sdk.names import check_agent_id, check_tier
 from broker_gateway import jwt
 from broker_gateway.keys import new_seed
 
 DEFAULT_AGENT_TTL_S = 30 * 24 * 3600
+# No agent JWT lives longer: a revocation older than this can be dropped from
+# the account, since every JWT it was meant to stop has expired by then.
+MAX_AGENT_TTL_S = DEFAULT_AGENT_TTL_S
 
 
 def mint_agent(
@@ -29,14 +33,34 @@ def mint_agent(
     user_seed: bytes | None = None,
 ) -> tuple[str, bytes]:
     """``(jwt, seed)`` of a new agent user; a fresh nkey unless ``user_seed`` renews one."""
-    check_tier(tier)
-    check_agent_id(agent_id)  # the server pastes the name into the template verbatim
     seed = user_seed if user_seed is not None else new_seed("user")
     user = nkeys.from_seed(bytearray(seed))
+    token = agent_jwt(
+        tier, agent_id, user.public_key.decode(), account_public_key, scope_key, ttl_s
+    )
+    return token, seed
+
+
+def agent_jwt(
+    tier: str,
+    agent_id: str,
+    user_public_key: str,
+    account_public_key: str,
+    scope_key: nkeys.KeyPair,
+    ttl_s: int = DEFAULT_AGENT_TTL_S,
+) -> str:
+    """The user JWT of an agent's key: minted at registration, re-minted to renew.
+
+    Renewal needs only the public key, so the agent's seed never leaves it.
+    """
+    check_tier(tier)
+    check_agent_id(agent_id)  # the server pastes the name into the template verbatim
+    if not 0 < ttl_s <= MAX_AGENT_TTL_S:
+        raise ConfigError(f"agent credentials live 1 s to {MAX_AGENT_TTL_S} s, not {ttl_s}")
     now = int(time.time())
-    token = jwt.encode(
+    return jwt.encode(
         {
-            "sub": user.public_key.decode(),
+            "sub": user_public_key,
             "name": agent_id,
             "iat": now,
             "exp": now + ttl_s,
@@ -44,7 +68,6 @@ def mint_agent(
         },
         scope_key,
     )
-    return token, seed
 
 
 def mint_service(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent_sdk.errors import ConfigError
 from agent_sdk.names import LEVELS, check_agent_id, check_tier
+from broker_gateway import jwt
 from broker_gateway.gateway import Gateway
 from broker_gateway.keys import write_secret
 from broker_gateway.state import StateDir
@@ -72,6 +73,26 @@ async def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _renew(args: argparse.Namespace) -> int:
+    tier = check_tier(args.tier)
+    agent_id = check_agent_id(args.agent_id)
+    creds_path = Path(args.creds)
+    try:
+        old_jwt, seed = jwt.parse_creds(creds_path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {creds_path}: {exc.strerror}") from exc
+    public_key = str(jwt.decode(old_jwt, verify=False)["sub"])
+    gateway = await _connect(args.state_dir)
+    try:
+        token = await gateway.renew_agent(tier, agent_id, public_key)
+    finally:
+        await gateway.close()
+    write_secret(creds_path, jwt.creds_file(token, seed))
+    expires = jwt.decode(token, verify=False)["exp"]
+    print(f"renewed {tier}.{agent_id} in {creds_path} (expires at {expires})")
+    return 0
+
+
 async def _list(args: argparse.Namespace) -> int:
     gateway = await _connect(args.state_dir)
     try:
@@ -91,5 +112,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    handler = {"register": _register, "revoke": _revoke, "list": _list}[args.agent_command]
+    handler = {"register": _register, "revoke": _revoke, "renew": _renew, "list": _list}[
+        args.agent_command
+    ]
     return runner.run(handler(args))

@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("--tier", required=True)
     rev.add_argument("--id", required=True, dest="agent_id")
     state_opt(rev)
+    ren = agent_sub.add_parser(
+        "renew", help="re-issue an agent's credentials (same key) before they expire"
+    )
+    ren.add_argument("--tier", required=True)
+    ren.add_argument("--id", required=True, dest="agent_id")
+    ren.add_argument("--creds", required=True, help="the agent.creds file to renew in place")
+    state_opt(ren)
     lst = agent_sub.add_parser("list", help="list registered agents")
     lst.add_argument("--json", action="store_true")
     state_opt(lst)
