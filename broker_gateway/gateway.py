@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -39,7 +41,13 @@ from broker_gateway.users import DEFAULT_AGENT_TTL_S, MAX_AGENT_TTL_S, agent_jwt
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentCredentials", "Gateway"]
+
+@dataclass(frozen=True)
+class AgentCredentials:
+    """What an agent needs to connect: the creds file text and its ``agent.json``."""
+
+    creds: str
+    info: dict[str, Any]
 
 
 class Gateway:
@@ -151,28 +159,69 @@ class Gateway:
         capabilities: tuple[str, ...] = (),
         subscriptions: tuple[str, ...] = (),
         ttl_s: int = DEFAULT_AGENT_TTL_S,
-        reserved_ok: bool = False,
     ) -> AgentCredentials:
         """Mint credentials with the tier's scoped key and record the agent."""
         tier = check_tier(tier)
+        check_agent_id(agent_id)
         trust = await self.trust()
-        signer = TierSigner(
+        token, seed = mint_agent(
             tier,
-            self.state.keys.keypair(f"scope-{tier}", "account"),
-            trust.accounts[tier],
-            public_key(route_signer_seed(self.state.keys)),
-        )
-        return await register(
-            self.js,
-            await self.registry(),
-            signer,
-            self.url,
             agent_id,
-            clearance=clearance,
-            capabilities=capabilities,
-            subscriptions=subscriptions,
+            trust.accounts[tier],
+            self.state.keys.keypair(f"scope-{tier}", "account"),
             ttl_s=ttl_s,
-            reserved_ok=reserved_ok,
+        )
+        user_public = jwt.decode(token, verify=False)["sub"]
+        enc = EncryptionKeyPair.generate()
+        record = AgentRecord(
+            tier=tier,
+            id=agent_id,
+            public_key=user_public,
+            encryption_public_key=enc.public_key,
+            clearance=clearance,
+            capabilities=tuple(sorted(set(capabilities))),
+            subscriptions=subscriptions,
+            created_ms=int(time.time() * 1000),
+        )
+        registry = await self.registry()
+        await registry.create(record)
+        await self.js.add_consumer(inbox_stream(tier), inbox_consumer_config(tier, agent_id))
+        info = {
+            "address": record.address,
+            "tier": tier,
+            "id": agent_id,
+            "nats_url": self.url,
+            "outbox": outbox_subject(tier, agent_id),
+            "inbox": inbox_subject(tier, agent_id),
+            "public_key": user_public,
+            "clearance": clearance,
+            "capabilities": list(record.capabilities),
+            "subscriptions": list(subscriptions),
+            "encryption_public_key": enc.public_key,
+            "encryption_secret_key": enc.secret_key,
+            "inbox_prefix": agent_inbox_prefix(agent_id),
+            "inbox_stream": inbox_stream(tier),
+            "inbox_consumer": agent_id,
+            "router_public_key": public_key(route_signer_seed(self.state.keys)),
+            "expires": jwt.decode(token, verify=False)["exp"],
+        }
+        return AgentCredentials(jwt.creds_file(token, seed), info)
+
+    async def renew_agent(self, tier: str, agent_id: str, public_key: str) -> str:
+        """A fresh user JWT for an active agent's existing key (its seed stays with it)."""
+        address = f"{check_tier(tier)}.{check_agent_id(agent_id)}"
+        record = await (await self.registry()).get(address)
+        if not record.active:
+            raise RegistryError(f"agent {record.address} is revoked; it cannot be renewed")
+        if public_key != record.public_key:
+            raise RegistryError(f"these credentials are not those of {record.address}")
+        trust = await self.trust()
+        return agent_jwt(
+            tier,
+            agent_id,
+            record.public_key,
+            trust.accounts[tier],
+            self.state.keys.keypair(f"scope-{tier}", "account"),
         )
 
     async def revoke_agent(self, tier: str, agent_id: str) -> AgentRecord:
