@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -32,6 +33,7 @@ from typing import Final
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import BadHeaderError, ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -42,13 +44,26 @@ from agent_sdk.errors import BrokerError, PublishError
 EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 # JSStreamWrongLastSequenceErrF and its constant variant.
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+# The usual PubAck, exactly as nats-server writes it (field order of its Go struct):
+# read with one regular expression; anything else (errors above all) goes to json.
+_PLAIN_ACK: Final = re.compile(
+    rb'\{"stream":"([^"\\]+)",(?:"domain":"[^"\\]*",)?"seq":([0-9]{1,20})(,"duplicate":true)?\}'
+)
+
+
+# nats-py's own rules for header names and values.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_GOOD_NAMES: set[str] = set()
+_MAX_GOOD_NAMES: Final = 4096
+# Subjects that need no check beyond this (no white space, no empty token).
+_PLAIN_SUBJECT: Final = re.compile(r"[^\s.]+(?:\.[^\s.]+)*")
 
 
 class RevisionConflict(BrokerError):
     """A KV compare-and-set lost: the key exists, or changed since the given revision."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
     """One message to publish and have acknowledged by a stream."""
 
@@ -63,7 +78,7 @@ class KvEntry:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ack:
     """A stream's acknowledgement of one publish."""
 
@@ -76,10 +91,20 @@ PublishResult = Ack | BrokerError
 
 
 class JetStreamIO:
-    """Acknowledged publishes and KV operations on one connection."""
+    """Acknowledged publishes and KV operations on one connection.
 
-    def __init__(self, nc: Client, *, timeout_s: float) -> None:
+    :meth:`ack` acknowledges an ingress message lazily: the ``+ACK`` is queued
+    on the connection without waking its flusher, so it rides along with the
+    connection's next write (the next batch's first stage, usually) instead of
+    costing a write of its own; a timer sends it after ``ack_delay_s`` at the
+    latest. Nothing waits for an acknowledgement, and a lost one only means a
+    redelivery, which the pipeline handles.
+    """
+
+    def __init__(self, nc: Client, *, timeout_s: float, ack_delay_s: float = 0.002) -> None:
         self.nc = nc
+        self.ack_delay_s = ack_delay_s
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.js: JetStreamContext = nc.jetstream(timeout=timeout_s)
         self.timeout_s = timeout_s
         self._kv: dict[str, KeyValue] = {}
@@ -124,17 +149,13 @@ class JetStreamIO:
             fut: asyncio.Future[Msg] = loop.create_future()
             self._waiting[token] = fut
             try:
-                await self.nc.publish(
-                    req.subject,
-                    req.payload,
-                    reply=prefix + token,
-                    headers=dict(req.headers) if req.headers else None,
-                )
+                await self._publish(req, prefix + token)
             except (NatsError, OSError) as exc:
                 self._waiting.pop(token, None)
                 sent.append(PublishError(f"publish to {req.subject} failed: {exc!r}"))
                 continue
             sent.append((token, fut))
+        self._wake_flusher()
         pending = [s[1] for s in sent if not isinstance(s, BrokerError) and not s[1].done()]
         if pending:
             await asyncio.wait(pending, timeout=self.timeout_s)
@@ -149,8 +170,88 @@ class JetStreamIO:
                 fut.cancel()
                 results.append(PublishError(f"no PubAck for {req.subject} in time"))
             else:
-                results.append(_read_ack(fut.result(), req.subject))
+                results.append(read_ack(fut.result(), req.subject))
         return results
+
+    async def _publish(self, req: Publish, reply: str) -> None:
+        """``nc.publish(...)``, with the headers encoded here and the flusher woken later.
+
+        nats-py encodes headers one regular-expression check and five buffer
+        extensions at a time; this writes the same bytes (names stripped and
+        checked as tokens, values stripped, CR/LF turned into spaces) from one
+        string, checking each distinct name once. Anything unusual (no
+        connection, a draining or closed one, an oversized payload, a subject
+        with white space) goes through ``nc.publish``, which raises as usual.
+        """
+        nc = self.nc
+        subject, payload = req.subject, req.payload
+        if (
+            not nc.is_connected
+            or nc.is_draining_pubs
+            or len(payload) > nc._max_payload
+            or not _PLAIN_SUBJECT.fullmatch(subject)
+        ):
+            headers = dict(req.headers) if req.headers else None
+            await nc.publish(subject, payload, reply=reply, headers=headers)
+            return
+        if req.headers:
+            parts = ["NATS/1.0\r\n"]
+            for name, value in req.headers.items():
+                key = name.strip()
+                if not key:
+                    continue
+                if key not in _GOOD_NAMES:
+                    if not _HEADER_NAME.fullmatch(key):
+                        raise BadHeaderError(key)
+                    if len(_GOOD_NAMES) < _MAX_GOOD_NAMES:
+                        _GOOD_NAMES.add(key)
+                value = value.strip()
+                if "\r" in value or "\n" in value:  # str.translate is slow: only when needed
+                    value = value.replace("\r", " ").replace("\n", " ")
+                parts.append(f"{key}: {value}\r\n")
+            parts.append("\r\n")
+            head = "".join(parts).encode()
+            size = len(head)
+            cmd = b"".join(
+                (
+                    f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode(),
+                    head,
+                    payload,
+                    b"\r\n",
+                )
+            )
+        else:
+            cmd = b"".join((f"PUB {subject} {reply} {len(payload)}\r\n".encode(), payload, b"\r\n"))
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(payload)
+        await nc._send_command(cmd)
+
+    def _wake_flusher(self) -> None:
+        """What publish() does after queueing a command: let the flusher write it out."""
+        queue = self.nc._flush_queue
+        if queue is not None and queue.empty() and self.nc._pending_data_size > 0:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(asyncio.get_running_loop().create_future())
+
+    async def ack(self, msg: Msg) -> None:
+        """Acknowledge a JetStream message with the connection's next write (see the class doc)."""
+        if msg._client is not self.nc or self.ack_delay_s <= 0 or not msg.reply:
+            await msg.ack()  # another connection's message (a test's stand-in, say)
+            return
+        # Exactly what Msg.ack() sends (an empty publish to the reply subject), minus
+        # the flusher's wake-up. Raises like publish() if the connection is closed.
+        if self.nc.is_closed:
+            raise ConnectionClosedError
+        await self.nc._send_command(b"PUB " + msg.reply.encode() + b" 0\r\n\r\n")
+        msg._ackd = True
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                self.ack_delay_s, self._flush_acks
+            )
+
+    def _flush_acks(self) -> None:
+        self._ack_timer = None
+        self._wake_flusher()
 
     async def publish(self, req: Publish) -> Ack:
         """Publish one message and return its :class:`Ack`, or raise."""
@@ -172,6 +273,14 @@ class JetStreamIO:
             raise BrokerError(f"KV read of {bucket}/{key} returned no revision")
         return KvEntry(entry.revision, entry.value or b"")
 
+    async def stored(self, stream: str, seq: int) -> bytes:
+        """The payload of message ``seq`` of ``stream`` (an earlier audit record, say)."""
+        try:
+            raw = await self.js.get_msg(stream, seq)
+        except (TimeoutError, NatsError, OSError) as exc:
+            raise BrokerError(f"reading message {seq} of {stream} failed: {exc!r}") from exc
+        return raw.data or b""
+
     @staticmethod
     def kv_write_request(bucket: str, key: str, value: bytes, last: int) -> Publish:
         """A compare-and-set write: ``last`` is the expected revision, 0 for "absent"."""
@@ -183,11 +292,14 @@ class JetStreamIO:
         return ack.seq
 
 
-def _read_ack(msg: Msg, subject: str) -> PublishResult:
+def read_ack(msg: Msg, subject: str) -> PublishResult:
     """The PubAck (or error) that a stream answered to a publish on ``subject``."""
     if not msg.data:  # a status: 503 no responders, i.e. no stream on that subject
         status = (msg.headers or {}).get("Status", "?")
         return PublishError(f"no stream took {subject} (status {status})")
+    plain = _PLAIN_ACK.fullmatch(msg.data)
+    if plain is not None:
+        return Ack(plain[1].decode("ascii"), int(plain[2]), plain[3] is not None)
     try:
         body = json.loads(msg.data)
         if "error" in body:

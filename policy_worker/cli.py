@@ -31,6 +31,7 @@ from policy_worker.config import (
     DEFAULT_BATCH,
     DEFAULT_HOST_SERVICES,
     DEFAULT_INFLIGHT,
+    DEFAULT_LINGER_US,
     DEFAULT_MAX_SKEW_MS,
     WorkerConfig,
 )
@@ -43,6 +44,8 @@ ENV_NATS_URL = "SYMBIONT_NATS_URL"
 ENV_MAX_SKEW = "SYMBIONT_MAX_SKEW_MS"
 ENV_HOST_SERVICES = "SYMBIONT_HOST_SERVICES"
 ENV_INFLIGHT = "SYMBIONT_WORKER_INFLIGHT"
+ENV_LINGER = "SYMBIONT_WORKER_LINGER_US"
+ENV_CRYPTO_THREADS = "SYMBIONT_WORKER_CRYPTO_THREADS"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
@@ -66,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="batches processed at once (default: $SYMBIONT_WORKER_INFLIGHT, else 4)",
+    )
+    p.add_argument(
+        "--linger-us",
+        type=int,
+        default=None,
+        help="while a batch is in flight, how long the next waits for company "
+        f"(default: ${ENV_LINGER}, else {DEFAULT_LINGER_US}; 0: never)",
+    )
+    p.add_argument(
+        "--crypto-threads",
+        type=int,
+        default=None,
+        help="extra threads that verify signatures of large batches "
+        f"(default: ${ENV_CRYPTO_THREADS}, else 0)",
     )
     p.add_argument(
         "--max-skew-ms",
@@ -97,6 +114,10 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Worker
         else DEFAULT_HOST_SERVICES
     )
     inflight = _int_option(args.inflight, env.get(ENV_INFLIGHT), ENV_INFLIGHT, DEFAULT_INFLIGHT)
+    crypto_threads = _int_option(
+        args.crypto_threads, env.get(ENV_CRYPTO_THREADS), ENV_CRYPTO_THREADS, 0
+    )
+    linger_us = _int_option(args.linger_us, env.get(ENV_LINGER), ENV_LINGER, DEFAULT_LINGER_US)
     creds = Path(args.creds) if args.creds else state.service_creds("router")
     if not creds.is_file():
         raise ConfigError(f"credentials file {creds} not found")
@@ -108,6 +129,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Worker
         policies=policies,
         batch=args.batch,
         inflight=inflight,
+        linger_s=linger_us / 1e6,
+        crypto_threads=crypto_threads,
         max_skew_ms=max_skew_ms,
         host_services=services,
     )

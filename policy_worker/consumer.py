@@ -67,6 +67,7 @@ class PullConsumer:
         self._last_request = 0.0
         self._last_activity = 0.0
         self._paused_until = 0.0
+        self._oldest_at = 0.0  # when the oldest message in the buffer arrived
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -112,8 +113,16 @@ class PullConsumer:
                 log.debug("unsubscribing the pull inbox failed: %r", exc)
             self._sub = None
 
-    async def next_batch(self, limit: int, wait_s: float) -> list[Msg]:
-        """Up to ``limit`` messages, as soon as one is there; [] after ``wait_s`` without any."""
+    async def next_batch(
+        self, limit: int, wait_s: float, *, linger_s: float = 0.0, linger_below: int = 0
+    ) -> list[Msg]:
+        """Up to ``limit`` messages, as soon as one is there; [] after ``wait_s`` without any.
+
+        With ``linger_s``, fewer than ``linger_below`` messages are handed out only
+        once the oldest of them has waited that long, so that the messages coming
+        meanwhile join the same batch (the caller asks for it while another batch
+        is in flight, i.e. when starting this one at once would not finish it sooner).
+        """
         deadline = time.monotonic() + wait_s
         while not self._buffer:
             await self._top_up()
@@ -127,9 +136,24 @@ class PullConsumer:
                 await asyncio.wait_for(self._wakeup.wait(), min(remaining, self.expires_s))
             except TimeoutError:
                 self._watchdog()
+        if linger_s > 0 and len(self._buffer) < linger_below:
+            await self._linger(self._oldest_at + linger_s, linger_below)
         batch = [self._buffer.popleft() for _ in range(min(limit, len(self._buffer)))]
+        if self._buffer:
+            self._oldest_at = time.monotonic()
         await self._top_up()
         return batch
+
+    async def _linger(self, until: float, enough: int) -> None:
+        while len(self._buffer) < enough and not self._stopping:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _top_up(self) -> None:
         if self._stopping or self.nc.is_closed or not self.nc.is_connected:
@@ -169,6 +193,8 @@ class PullConsumer:
         self._last_activity = time.monotonic()
         if msg.reply:  # a message to process: it has its acknowledgement subject
             self.outstanding = max(0, self.outstanding - 1)
+            if not self._buffer:
+                self._oldest_at = self._last_activity
             self._buffer.append(msg)
             self._wakeup.set()
             return

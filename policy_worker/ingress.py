@@ -79,7 +79,7 @@ class Target:
         return self.decision.policy
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuditFields:
     """The message fields an audit record shows, each None where it cannot be read."""
 
@@ -131,7 +131,8 @@ class IngressItem:
     same message (after a worker died) decides exactly as the first delivery
     did, however late it comes. ``error`` is set when an internal failure
     (never the message's content) prevents finishing it; such a message is
-    retried, then dead-lettered.
+    retried, then dead-lettered. ``redelivered`` is set for a message that an
+    earlier attempt may have decided already (see :mod:`policy_worker.pipeline`).
     """
 
     msg: Msg
@@ -144,7 +145,7 @@ class IngressItem:
     env: Envelope | None = None
     sender: AgentRecord | None = None
     targets: list[Target] = field(default_factory=list)
-    resolved: bool = False
+    redelivered: bool = False
     bus_detail: str | None = None
     error: str | None = None
 

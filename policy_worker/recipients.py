@@ -39,7 +39,7 @@ class RegistryView(Protocol):
     def get(self, address: str) -> AgentRecord | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Recipient:
     """One resolved recipient.
 

@@ -4,41 +4,45 @@ The shared state is the KV bucket ``symbi_nonces`` (TTL = the deduplication
 window, at least twice the allowed clock skew, so an entry outlives the time
 in which its message could pass the ``stale`` check). Each message that gets
 past the pre-replay checks costs ONE ``create`` of the key
-``<tier>.<id>.<nonce>`` (the sender proven by the ingress subject), made
-*after* its decision and rate check, whose value records the outcome::
+``<tier>.<id>.<nonce>`` (the sender proven by the ingress subject), whose
+value records only which ingress message claimed it::
 
-    <ingress stream seq>|<reason>                        one recipient
-    <ingress stream seq>|<address>=<reason>,...          an event, per subscriber
+    <ingress stream seq>                                 a message to one recipient
+    <ingress stream seq>|<address>,<address>,...         an event, its recipients then
+
+The value does not depend on the rate check, so the create goes out in the
+same flush as the rate limiter's compare-and-set (:mod:`policy_worker.pipeline`).
+A replay therefore spends a token of its sender's rate before it is denied:
+only the owner of an outbox can publish on it, so those tokens are its own.
 
 If the create fails because the key exists, the entry is read:
 
-- same ingress sequence: this is a redelivery of the very message whose first
-  attempt died before acknowledging (a worker was killed). The stored outcome
-  is reused, recipients included, so a crash never turns an allowed message
-  into a denied one or the reverse, and deliveries and audit records (which
-  carry per-message ``Nats-Msg-Id``\\ s) come out identical and deduplicated;
+- same ingress sequence: a redelivery of the very message whose earlier
+  attempt died before acknowledging. The outcome of that attempt is in its
+  audit records, which the pipeline treats as authoritative (see there); the
+  recorded recipients of an event are kept, so a subscriber that left in
+  between still gets what its first attempt may have promised it;
 - another sequence: a replay.
 
-A redelivered message (``num_delivered`` > 1) is looked up *before* the rate
-check, so that its retry does not spend the sender's rate a second time.
-All reads and writes of a batch are sent at once.
+Entries written by earlier versions (``<seq>|<reason>`` and
+``<seq>|<address>=<reason>,...``) are read too: only their sequence and
+recipients count.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from agent_sdk.errors import BrokerError, EnvelopeError
 from agent_sdk.names import AgentAddress, inbox_subject
 from broker_gateway.streams import NONCE_BUCKET
 from policy_worker.broker import JetStreamIO, RevisionConflict
-from policy_worker.decision import REASONS, Decision, Reason
-from policy_worker.ingress import IngressItem, Target, stage_of
+from policy_worker.decision import REASONS, Decision
+from policy_worker.ingress import IngressItem, Target
 from policy_worker.policy import PolicySet
-from policy_worker.recipients import EVENT_TIER
 
 _CLAIM_ROUNDS: Final = 3
 # Reasons decided before a policy is looked up: a reused one carries no policy.
@@ -47,50 +51,40 @@ _NO_POLICY_REASONS: Final = frozenset(
      "unknown_destination", "stale", "replay"}
 )  # fmt: skip
 REUSED_DETAIL: Final = "decided at an earlier delivery of this ingress message"
+NO_LONGER_SUBSCRIBED: Final = "a recipient at an earlier delivery, no longer subscribed"
 
 
 @dataclass(frozen=True, slots=True)
 class NonceRecord:
-    """A decoded entry: the first ingress sequence and its outcome (single or per recipient)."""
+    """A decoded entry: the ingress sequence that claimed it, and an event's recipients."""
 
     seq: int | None
-    reason: Reason | None = None
-    per_recipient: tuple[tuple[str, Reason], ...] | None = None
+    recipients: tuple[str, ...] | None = None
 
 
 def encode(item: IngressItem) -> bytes:
-    """The entry value for ``item`` as decided now."""
+    """The entry value for ``item``."""
     assert item.env is not None
     if item.env.type == "event":
-        body = ",".join(f"{t.recipient or '-'}={t.decision.reason}" for t in item.targets)
-    else:
-        body = item.targets[0].decision.reason
-    return f"{item.seq}|{body}".encode("ascii")
+        listed = ",".join(t.recipient for t in item.targets if t.recipient is not None)
+        return f"{item.seq}|{listed}".encode("ascii")
+    return str(item.seq).encode("ascii")
 
 
 def decode(raw: bytes) -> NonceRecord:
     """Read an entry; an unreadable one decodes with ``seq`` None (then: a replay)."""
     try:
         text = raw.decode("ascii")
-        seq_text, _, body = text.partition("|")
+        seq_text, sep, body = text.partition("|")
         seq = int(seq_text)
     except (UnicodeDecodeError, ValueError):
         return NonceRecord(None)
-    if "=" not in body:
-        single = _as_reason(body)
-        return NonceRecord(seq if single is not None else None, single)
-    pairs: list[tuple[str, Reason]] = []
-    for part in body.split(","):
-        address, _, reason = part.partition("=")
-        checked = _as_reason(reason)
-        if checked is None:
-            return NonceRecord(None)
-        pairs.append((address, checked))
-    return NonceRecord(seq, per_recipient=tuple(pairs))
-
-
-def _as_reason(text: str) -> Reason | None:
-    return text if text in REASONS else None
+    if not sep:
+        return NonceRecord(seq)
+    if body in REASONS:  # an earlier version's single outcome
+        return NonceRecord(seq)
+    recipients = tuple(part.partition("=")[0] for part in body.split(",") if part)
+    return NonceRecord(seq, recipients)
 
 
 def mark_replay(item: IngressItem, first_seq: int | None) -> None:
@@ -102,56 +96,56 @@ def mark_replay(item: IngressItem, first_seq: int | None) -> None:
                 "replay", detail=f"nonce {item.env.nonce if item.env else '?'} already used{where}"
             )
             target.stage = "final"
-    item.resolved = True
 
 
-def adopt(item: IngressItem, record: NonceRecord, policies: PolicySet) -> None:
-    """Reuse the outcome stored by an earlier delivery of the same ingress message."""
-    if record.per_recipient is not None:
-        current = {t.recipient: t for t in item.targets}
-        item.targets = [
-            _reused(current.get(address), address, reason, item, policies)
-            for address, reason in record.per_recipient
-        ]
-    elif record.reason is not None and len(item.targets) == 1:
-        target = item.targets[0]
-        if target.decision.reason != record.reason:
-            target.decision = _decision(
-                record.reason, target.decision, item, target.dst_tier, policies
-            )
-            target.stage = stage_of(target.decision)
-    else:  # a corrupt entry (only the router can write there): fail closed
-        mark_replay(item, record.seq)
-    item.resolved = True
+def keep_recipients(item: IngressItem, record: NonceRecord) -> None:
+    """Add the recorded recipients of an event that it no longer resolves to.
 
-
-def _reused(
-    target: Target | None, address: str, reason: Reason, item: IngressItem, policies: PolicySet
-) -> Target:
-    if target is None:  # a subscriber then but not now: it still gets what it was given
+    Each gets a denial for now; if its earlier attempt audited an outcome, the
+    pipeline adopts that outcome instead (and delivers if it was ``ok``).
+    """
+    if not record.recipients:
+        return
+    present = {t.recipient for t in item.targets}
+    for address in record.recipients:
+        if address in present:
+            continue
         try:
-            agent: AgentAddress | None = AgentAddress.parse(address)
+            agent = AgentAddress.parse(address)
         except EnvelopeError:
-            agent = None
-        if agent is None:
-            target = Target(None, EVENT_TIER, None, Decision(reason), "final")
-        else:
-            target = Target(
-                address, agent.tier, inbox_subject(agent.tier, agent.id), Decision(reason), "final"
+            continue  # only the router writes there; an odd entry adds nobody
+        item.targets.append(
+            Target(
+                address,
+                agent.tier,
+                inbox_subject(agent.tier, agent.id),
+                Decision("unknown_destination", detail=NO_LONGER_SUBSCRIBED),
+                "final",
             )
-        target.decision = _decision(reason, target.decision, item, target.dst_tier, policies)
-    elif target.decision.reason != reason:
-        target.decision = _decision(reason, target.decision, item, target.dst_tier, policies)
-    target.stage = stage_of(target.decision)
-    return target
+        )
 
 
-def _decision(
-    reason: Reason, fresh: Decision, item: IngressItem, dst_tier: str, policies: PolicySet
-) -> Decision:
+def adopted(
+    record: Mapping[str, Any], target: Target, src_tier: str, policies: PolicySet
+) -> Decision | None:
+    """The decision of an earlier attempt, from its audit record (None if unreadable).
+
+    The policy is the one now in force for the pair, if it still has the
+    recorded name (a reused decision is only ever delivered or counted).
+    """
+    reason = record.get("reason")
+    if reason not in REASONS or record.get("recipient") != target.recipient:
+        return None
+    if (record.get("decision") == "allow") != (reason == "ok"):
+        return None
     policy = None
-    if reason not in _NO_POLICY_REASONS:
-        policy = fresh.policy or policies.lookup(item.src_tier, dst_tier)
+    name = record.get("policy")
+    if isinstance(name, str) and reason not in _NO_POLICY_REASONS:
+        policy = policies.lookup(src_tier, target.dst_tier)
+        if policy is None or policy.name != name:
+            policy = policies.get(name)
+    if reason == "ok" and policy is None:
+        return None  # nothing governs the pair any more: cannot vouch for the delivery
     return Decision(reason, policy, REUSED_DETAIL)
 
 

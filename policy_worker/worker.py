@@ -53,6 +53,10 @@ from policy_worker.route_tag import RouteSigner
 log = logging.getLogger(__name__)
 
 _SETUP_RETRY_S = 0.5
+# A batch started while another is in flight should not be smaller than this,
+# unless its oldest message has waited ``config.linger_s``: each batch costs two
+# socket writes and their wake-ups whatever its size.
+LINGER_BELOW = 3
 T = TypeVar("T")
 
 
@@ -156,7 +160,12 @@ class Worker:
                     if self.consumer.idle or now > drain_until:
                         break
                 await slots.acquire()
-                batch = await self.consumer.next_batch(self.config.batch, wait_s=1.0)
+                batch = await self.consumer.next_batch(
+                    self.config.batch,
+                    wait_s=1.0,
+                    linger_s=self.config.linger_s if running else 0.0,
+                    linger_below=LINGER_BELOW,
+                )
                 if not batch:
                     slots.release()
                     continue
@@ -187,6 +196,7 @@ class Worker:
         await self.consumer.close()
         await self.cache.stop()
         await close_quietly(self.nc)
+        self.pipeline.close()
         log.info("%s stopped after %d messages", self.config.name, self.processed)
 
 

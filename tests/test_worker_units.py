@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -32,7 +33,15 @@ from policy_worker.metrics import WorkerMetrics
 from policy_worker.policy import default_policies
 from policy_worker.rate_store import RateStore
 from policy_worker.recipients import RecipientResolver
-from policy_worker.replay import NonceRecord, NonceStore, adopt, decode, encode, mark_replay
+from policy_worker.replay import (
+    NonceRecord,
+    NonceStore,
+    adopted,
+    decode,
+    encode,
+    keep_recipients,
+    mark_replay,
+)
 from policy_worker.topics import check_pattern, pattern_matches
 
 NOW_MS = 1_796_000_000_000
@@ -190,7 +199,7 @@ def test_event_fans_out_to_active_subscribers(parties: tuple[Signer, Checker]) -
         ("docker.bob", "docker", "ok"),
         ("gvisor.gina", "gvisor", "ok"),
     ]
-    assert encode(item) == b"7|docker.bob=ok,gvisor.gina=ok"
+    assert encode(item) == b"7|docker.bob,gvisor.gina"
     nobody = sign(build(sender="docker.alice", to="event.sports", type="event",
                         level="public", time_ms=NOW_MS), alice)  # fmt: skip
     [target] = _inspect(checker, nobody, stored_ms=NOW_MS).targets
@@ -209,28 +218,33 @@ def test_garbage_headers_never_raise(parties: tuple[Signer, Checker]) -> None:
 # -- replay: sticky outcomes -----------------------------------------------------
 
 
-def test_nonce_values_round_trip() -> None:
-    assert decode(b"12|ok") == NonceRecord(12, "ok")
-    assert decode(b"12|docker.b=ok,gvisor.g=rate_limited") == NonceRecord(
-        12, per_recipient=(("docker.b", "ok"), ("gvisor.g", "rate_limited"))
-    )
-    assert decode(b"x|ok").seq is None
-    assert decode(b"12|docker.b=maybe").seq is None
-    assert decode(b"\xff").seq is None
-
-
-def test_redelivery_reuses_the_first_outcome(parties: tuple[Signer, Checker]) -> None:
+def test_nonce_values_round_trip(parties: tuple[Signer, Checker]) -> None:
     alice, checker = parties
     env = sign(build(sender="docker.alice", to="docker.bob", type="data", level="public",
                      time_ms=NOW_MS), alice)  # fmt: skip
-    item = _inspect(checker, env, stored_ms=NOW_MS)
-    adopt(item, NonceRecord(7, "rate_limited"), checker.policies)
-    [target] = item.targets
-    assert target.decision.reason == "rate_limited" and item.resolved
-    assert target.decision.policy_name == "docker_to_docker"
+    assert encode(_inspect(checker, env, stored_ms=NOW_MS)) == b"7"
+    event = sign(build(sender="docker.alice", to="event.news.today", type="event",
+                       level="public", time_ms=NOW_MS), alice)  # fmt: skip
+    assert encode(_inspect(checker, event, stored_ms=NOW_MS)) == b"7|docker.bob,gvisor.gina"
+    assert decode(b"12") == NonceRecord(12)
+    assert decode(b"12|docker.b,gvisor.g") == NonceRecord(12, ("docker.b", "gvisor.g"))
+    # Entries of earlier versions: only the sequence and the recipients count.
+    assert decode(b"12|ok") == NonceRecord(12)
+    assert decode(b"12|docker.b=ok,gvisor.g=rate_limited") == NonceRecord(
+        12, ("docker.b", "gvisor.g")
+    )
+    assert decode(b"x|ok").seq is None
+    assert decode(b"\xff").seq is None
+
+
+def test_replays_are_denied(parties: tuple[Signer, Checker]) -> None:
+    alice, checker = parties
+    env = sign(build(sender="docker.alice", to="docker.bob", type="data", level="public",
+                     time_ms=NOW_MS), alice)  # fmt: skip
     again = _inspect(checker, env, stored_ms=NOW_MS)
     mark_replay(again, 3)
     assert again.targets[0].decision.reason == "replay"
+    assert again.targets[0].stage == "final"
 
 
 def test_event_redelivery_keeps_its_first_recipients(parties: tuple[Signer, Checker]) -> None:
@@ -238,12 +252,23 @@ def test_event_redelivery_keeps_its_first_recipients(parties: tuple[Signer, Chec
     env = sign(build(sender="docker.alice", to="event.news.today", type="event",
                      level="public", time_ms=NOW_MS), alice)  # fmt: skip
     item = _inspect(checker, env, stored_ms=NOW_MS)
-    # First attempt: bob was allowed and firecracker.fay (no longer subscribed) too.
-    adopt(item, decode(b"7|docker.bob=ok,firecracker.fay=ok"), checker.policies)
+    # First attempt: bob and firecracker.fay (no longer subscribed).
+    keep_recipients(item, decode(b"7|docker.bob,firecracker.fay"))
     assert [(t.recipient, t.subject, t.decision.reason) for t in item.targets] == [
         ("docker.bob", "tier.docker.agent.bob.in", "ok"),
-        ("firecracker.fay", "tier.firecracker.agent.fay.in", "ok"),
+        ("gvisor.gina", "tier.gvisor.agent.gina.in", "ok"),
+        ("firecracker.fay", "tier.firecracker.agent.fay.in", "unknown_destination"),
     ]
+    # Its audit record (if the attempt got that far) is what counts.
+    fay = item.targets[2]
+    record = {"reason": "ok", "decision": "allow", "recipient": "firecracker.fay",
+              "policy": "docker_to_firecracker"}  # fmt: skip
+    decision = adopted(record, fay, "docker", checker.policies)
+    assert decision is not None and decision.allowed
+    assert decision.policy_name == "docker_to_firecracker"
+    assert adopted({**record, "recipient": "docker.bob"}, fay, "docker", checker.policies) is None
+    assert adopted({**record, "decision": "deny"}, fay, "docker", checker.policies) is None
+    assert adopted({**record, "reason": "maybe"}, fay, "docker", checker.policies) is None
 
 
 # -- KV state against an in-memory fake of the broker seam -------------------------------
@@ -257,6 +282,9 @@ class FakeIO:
         self.seq = 0
         self.writes = 0
         self.fail_next = 0
+
+    async def ack(self, msg: Msg) -> None:
+        await msg.ack()
 
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
         found = self.data.get(key)
@@ -312,12 +340,12 @@ async def test_rate_store_recovers_from_another_workers_write() -> None:
 async def test_nonce_claims() -> None:
     io = FakeIO()
     nonces = NonceStore(io)  # type: ignore[arg-type]
-    first = await nonces.claim([("a.b.1", b"5|ok"), ("a.b.2", b"6|ok")])
+    first = await nonces.claim([("a.b.1", b"5"), ("a.b.2", b"6")])
     assert first == [None, None]
-    again = await nonces.claim([("a.b.1", b"9|ok"), ("a.b.3", b"10|ok")])
-    assert again == [NonceRecord(5, "ok"), None]
+    again = await nonces.claim([("a.b.1", b"9"), ("a.b.3", b"10")])
+    assert again == [NonceRecord(5), None]
     io.fail_next = 1
-    [failed] = await nonces.claim([("a.b.4", b"11|ok")])
+    [failed] = await nonces.claim([("a.b.4", b"11")])
     assert isinstance(failed, BrokerError)
 
 
@@ -443,6 +471,27 @@ async def test_pull_consumer_keeps_its_window_filled() -> None:
     assert consumer.outstanding == 6
     consumer.stop_requesting()
     assert await consumer.next_batch(4, wait_s=0.01) == [] and len(nc.requests) == 2
+
+
+async def test_pull_consumer_lingers_for_company() -> None:
+    nc = FakeNats()
+    consumer = PullConsumer(nc, "INGRESS", "workers", window=10, expires_s=1.0)  # type: ignore[arg-type]
+    await consumer.start()
+    await consumer._on_msg(Msg(None, "_INBOX.test", "$JS.ACK.x.0", b"m"))  # type: ignore[arg-type]
+
+    async def later() -> None:
+        await asyncio.sleep(0.005)
+        for i in (1, 2):
+            await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", b"m"))  # type: ignore[arg-type]
+
+    company = asyncio.create_task(later())
+    # Up to 1 s for fewer than 3: the two that come after 5 ms join the first.
+    assert len(await consumer.next_batch(8, wait_s=1, linger_s=1.0, linger_below=3)) == 3
+    await company
+    await consumer._on_msg(Msg(None, "_INBOX.test", "$JS.ACK.x.3", b"m"))  # type: ignore[arg-type]
+    started = time.monotonic()
+    assert len(await consumer.next_batch(8, wait_s=1, linger_s=0.02, linger_below=3)) == 1
+    assert 0.01 < time.monotonic() - started < 0.5  # alone after the linger
 
 
 # -- the pipeline: retries, then the dead-letter stream ---------------------------
