@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verbose", action="store_true", help="progress on stderr (always on for a full run)"
     )
+    p.add_argument("--show", metavar="FILE", help="print the table of a saved results file")
     return p
 
 
@@ -92,6 +94,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.show is not None:  # re-render a saved run, e.g. for the README
+        print(render(json.loads(Path(args.show).read_text()), Path(args.show)))
+        return 0
     logging.basicConfig(
         level=logging.INFO if args.verbose or not args.quick else logging.WARNING,
         stream=sys.stderr,
