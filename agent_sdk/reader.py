@@ -191,7 +191,9 @@ class InboxReader:
 
     async def _fetch_forever(self) -> None:
         failures = 0
-        while True:
+        # Not only cancellation ends it: on Python 3.11, asyncio.wait_for (inside
+        # nats-py's fetch) swallows a cancel that races a message arriving.
+        while not self._closed:
             await self._permits.acquire()
             queued = False
             try:
@@ -258,7 +260,7 @@ class InboxReader:
 
     async def _keepalive_loop(self) -> None:
         interval = self._options.progress_interval_s
-        while True:
+        while not self._closed:  # see _fetch_forever
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(interval, 1.0))
             self._wake.clear()

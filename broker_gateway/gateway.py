@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -23,31 +21,19 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ServiceUnavailableError
 
 from agent_sdk.errors import BrokerError, RegistryError
-from agent_sdk.names import Level, check_agent_id, check_tier, inbox_subject, outbox_subject
-from agent_sdk.sealing import EncryptionKeyPair
-from broker_gateway import jwt
-from broker_gateway.accounts import Trust, agent_inbox_prefix, build_trust, inbox_stream
+from agent_sdk.names import Level, check_agent_id, check_tier
+from broker_gateway.accounts import Trust, build_trust, inbox_stream
 from broker_gateway.keys import public_key, route_signer_seed
 from broker_gateway.records import AgentRecord
+from broker_gateway.registration import AgentCredentials, TierSigner, register
 from broker_gateway.registry import Registry
 from broker_gateway.state import StateDir
-from broker_gateway.streams import (
-    REVOCATIONS_BUCKET,
-    StreamSettings,
-    ensure_all,
-    inbox_consumer_config,
-)
-from broker_gateway.users import DEFAULT_AGENT_TTL_S, MAX_AGENT_TTL_S, agent_jwt, mint_agent
+from broker_gateway.streams import REVOCATIONS_BUCKET, StreamSettings, ensure_all
+from broker_gateway.users import DEFAULT_AGENT_TTL_S, MAX_AGENT_TTL_S, agent_jwt
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class AgentCredentials:
-    """What an agent needs to connect: the creds file text and its ``agent.json``."""
-
-    creds: str
-    info: dict[str, Any]
+__all__ = ["AgentCredentials", "Gateway"]
 
 
 class Gateway:
@@ -159,61 +145,39 @@ class Gateway:
         capabilities: tuple[str, ...] = (),
         subscriptions: tuple[str, ...] = (),
         ttl_s: int = DEFAULT_AGENT_TTL_S,
+        reserved_ok: bool = False,
     ) -> AgentCredentials:
         """Mint credentials with the tier's scoped key and record the agent."""
         tier = check_tier(tier)
-        check_agent_id(agent_id)
         trust = await self.trust()
-        token, seed = mint_agent(
+        signer = TierSigner(
             tier,
-            agent_id,
-            trust.accounts[tier],
             self.state.keys.keypair(f"scope-{tier}", "account"),
-            ttl_s=ttl_s,
+            trust.accounts[tier],
+            public_key(route_signer_seed(self.state.keys)),
         )
-        user_public = jwt.decode(token, verify=False)["sub"]
-        enc = EncryptionKeyPair.generate()
-        record = AgentRecord(
-            tier=tier,
-            id=agent_id,
-            public_key=user_public,
-            encryption_public_key=enc.public_key,
+        return await register(
+            self.js,
+            await self.registry(),
+            signer,
+            self.url,
+            agent_id,
             clearance=clearance,
-            capabilities=tuple(sorted(set(capabilities))),
+            capabilities=capabilities,
             subscriptions=subscriptions,
-            created_ms=int(time.time() * 1000),
+            ttl_s=ttl_s,
+            reserved_ok=reserved_ok,
         )
-        registry = await self.registry()
-        await registry.create(record)
-        await self.js.add_consumer(inbox_stream(tier), inbox_consumer_config(tier, agent_id))
-        info = {
-            "address": record.address,
-            "tier": tier,
-            "id": agent_id,
-            "nats_url": self.url,
-            "outbox": outbox_subject(tier, agent_id),
-            "inbox": inbox_subject(tier, agent_id),
-            "public_key": user_public,
-            "clearance": clearance,
-            "capabilities": list(record.capabilities),
-            "subscriptions": list(subscriptions),
-            "encryption_public_key": enc.public_key,
-            "encryption_secret_key": enc.secret_key,
-            "inbox_prefix": agent_inbox_prefix(agent_id),
-            "inbox_stream": inbox_stream(tier),
-            "inbox_consumer": agent_id,
-            "router_public_key": public_key(route_signer_seed(self.state.keys)),
-            "expires": jwt.decode(token, verify=False)["exp"],
-        }
-        return AgentCredentials(jwt.creds_file(token, seed), info)
 
-    async def renew_agent(self, tier: str, agent_id: str, public_key: str) -> str:
-        """A fresh user JWT for an active agent's existing key (its seed stays with it)."""
-        address = f"{check_tier(tier)}.{check_agent_id(agent_id)}"
-        record = await (await self.registry()).get(address)
+    async def renew_agent(
+        self, tier: str, agent_id: str, user_public_key: str, ttl_s: int = DEFAULT_AGENT_TTL_S
+    ) -> str:
+        """A new user JWT for the agent's registered key (its seed never leaves it)."""
+        tier = check_tier(tier)
+        record = await (await self.registry()).get(f"{tier}.{check_agent_id(agent_id)}")
         if not record.active:
-            raise RegistryError(f"agent {record.address} is revoked; it cannot be renewed")
-        if public_key != record.public_key:
+            raise RegistryError(f"agent {record.address} is revoked: it cannot be renewed")
+        if user_public_key != record.public_key:
             raise RegistryError(f"these credentials are not those of {record.address}")
         trust = await self.trust()
         return agent_jwt(
@@ -222,6 +186,7 @@ class Gateway:
             record.public_key,
             trust.accounts[tier],
             self.state.keys.keypair(f"scope-{tier}", "account"),
+            ttl_s,
         )
 
     async def revoke_agent(self, tier: str, agent_id: str) -> AgentRecord:

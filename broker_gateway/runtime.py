@@ -29,6 +29,7 @@ from broker_gateway.accounts import build_trust, inbox_stream
 from broker_gateway.gateway import Gateway
 from broker_gateway.http import HttpEndpoint
 from broker_gateway.keys import route_signer_seed
+from broker_gateway.revoke_service import RevokeService
 from broker_gateway.server import NatsServer, ServerConfig, port_free
 from broker_gateway.state import StateDir
 from broker_gateway.streams import AUDIT, INGRESS, StreamSettings
@@ -67,6 +68,7 @@ class Runtime:
         self.server: NatsServer | None = None
         self.gateway: Gateway | None = None
         self.http: HttpEndpoint | None = None
+        self.revoke_service: RevokeService | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -101,6 +103,9 @@ class Runtime:
             await self.gateway.push_accounts(list(TIERS))
             # Before any worker starts: a worker refuses to mint a route key of its own.
             route_signer_seed(self.state.keys)
+            # Launchers revoke through the gateway: they never hold the operator key.
+            self.revoke_service = RevokeService(self.gateway)
+            await self.revoke_service.start()
             self._reset_metrics_dir()
             if self.config.http_port is not None:
                 self.http = HttpEndpoint(
@@ -177,6 +182,8 @@ class Runtime:
         self._procs.clear()
         if self.http is not None:
             await self.http.stop()
+        if self.revoke_service is not None:
+            await self.revoke_service.stop()
         if self.gateway is not None:
             with contextlib.suppress(NatsError, OSError):
                 await self.gateway.close()

@@ -148,6 +148,8 @@ class Sandbox:
     root: Path
     details: dict[str, str] = field(default_factory=dict)
     started_ms: int = 0
+    #: The agent that asked a launcher service for it (``host.launcher``), if one did.
+    owner: str = ""
 
     @property
     def name(self) -> str:
@@ -176,6 +178,7 @@ class Sandbox:
                 root=Path(data["root"]),
                 details={str(k): str(v) for k, v in data.get("details", {}).items()},
                 started_ms=int(data.get("started_ms", 0)),
+                owner=str(data.get("owner", "")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise SandboxError("unreadable sandbox record") from exc

@@ -1,8 +1,9 @@
 """Launching an agent: register it, hand it its credentials, start its sandbox; and back.
 
-:class:`Launcher` is what ``symbi agent launch/stop/logs`` use and what the
-per-tier launcher service will hold. The order matters for what is left
-behind when something fails:
+:class:`Launcher` is what ``symbi agent launch/stop/logs`` use (with the
+gateway) and what each tier's launcher service holds (with a
+:class:`~launchers.tier_bus.TierBus`: its tier's signing key only). The
+order matters for what is left behind when something fails:
 
 launch
     check the backend (runtime up, image present) before anything exists;
@@ -24,15 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from nats.js import JetStreamContext
 
 from agent_sdk.errors import AgentNotFoundError, SandboxError, SymbiError
 from agent_sdk.names import Level, Tier, check_agent_id, check_tier
-from broker_gateway.gateway import Gateway
 from broker_gateway.keys import write_secret
+from broker_gateway.registration import AgentCredentials
+from broker_gateway.registry import Registry
 from broker_gateway.state import StateDir
 from launchers.backend import (
     SANDBOX_NATS_URL,
@@ -67,6 +73,29 @@ class LaunchRequest:
     clearance: Level = "restricted"
     capabilities: tuple[str, ...] = ()
     subscriptions: tuple[str, ...] = ()
+    #: The agent on whose request it runs (see :mod:`launchers.control`), if any.
+    owner: str = ""
+
+
+class BusAdmin(Protocol):
+    """What launching needs of the bus: :class:`Gateway` (every key) or a
+    :class:`~launchers.tier_bus.TierBus` (one tier's signing key)."""
+
+    url: str
+    js: JetStreamContext
+
+    async def registry(self) -> Registry: ...
+
+    async def register_agent(
+        self,
+        tier: str,
+        agent_id: str,
+        clearance: Level = "restricted",
+        capabilities: tuple[str, ...] = (),
+        subscriptions: tuple[str, ...] = (),
+    ) -> AgentCredentials: ...
+
+    async def revoke_agent(self, tier: str, agent_id: str) -> object: ...
 
 
 class Launcher:
@@ -75,7 +104,7 @@ class Launcher:
     def __init__(
         self,
         state: StateDir,
-        gateway: Gateway | None,
+        gateway: BusAdmin | None,
         backends: Callable[[BackendName], SandboxBackend] = make_backend,
     ) -> None:
         self.state = state
@@ -88,7 +117,7 @@ class Launcher:
             self._backends[name] = self._make_backend(name)
         return self._backends[name]
 
-    def require_gateway(self) -> Gateway:
+    def require_gateway(self) -> BusAdmin:
         if self.gateway is None:
             raise SandboxError("not connected to the bus: start `symbi up` first")
         return self.gateway
@@ -157,9 +186,10 @@ class Launcher:
             )
             # Recorded before it starts, so that `stop` knows the backend even if
             # this process dies half-way; completed once it runs.
-            pending = Sandbox(backend.name, tier, agent_id, root)
+            pending = Sandbox(backend.name, tier, agent_id, root, owner=request.owner)
             write_secret(pending.dirs.record, pending.to_json())
             sandbox = await asyncio.to_thread(backend.start, spec)
+            sandbox = dataclasses.replace(sandbox, owner=request.owner)
             write_secret(sandbox.dirs.record, sandbox.to_json())
         except BaseException:
             remove_tree(root)

@@ -1,6 +1,7 @@
 """The QEMU command line of a symbi micro-VM (``-M microvm``), as a pure function.
 
-The guest gets: the shared agent root disk (read-only), its own launch disk
+The guest gets: the host's wall clock (a CMOS RTC, read once at boot: envelopes
+carry the sender's clock), the shared agent root disk (read-only), its own launch disk
 (credentials, ``launch.json``, ``sandbox_init.py``; read-only), optionally an
 app disk, a serial console written to a file, and one virtio NIC on QEMU's
 user-mode network with ``restrict=on``: the guest can reach neither the host
@@ -73,7 +74,9 @@ class QemuVm:
             "-name",
             self.name,
             "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+            # rtc=on: the guest reads the wall clock from the CMOS RTC at boot. Without
+            # it the guest starts in 1970 and every message it signs is "stale".
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on",
             "-accel",
             self.accel,
             *cpu,

@@ -6,9 +6,8 @@ turns ``revoked`` (``symbi agent revoke``, an operator's tool, the gateway),
 the sandbox is stopped and its files removed. NATS has already closed the
 agent's connections by then; this ends the program and its sandbox too.
 
-This is the piece of the per-tier launcher service that needs no control
-messages: run :func:`watch_revocations` beside it, with ``tiers`` set to the
-tier the service serves.
+The launcher service of each tier runs :func:`watch_revocations` for its
+tier (:mod:`launchers.service`).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,8 @@ STARTED = "symbi-init: started"
 CANNOT_RUN = "symbi-init: cannot run"
 EXIT_STATUS = "symbi-exit-status:"
 EXIT_CANNOT_RUN = 127
+#: 2020-01-01: a guest clock before this was never set (no RTC).
+CLOCK_SANITY_S = 1_577_836_800
 CHUNK = 65536
 
 
@@ -296,6 +299,8 @@ def guest(launch_path: str) -> int:
         os.environ.update({str(k): str(v) for k, v in launch.get("env", {}).items()})
         with contextlib.suppress(OSError):
             socket.sethostname(str(launch.get("hostname", "sandbox")))
+        if time.time() < CLOCK_SANITY_S:
+            _log("warning: the clock is not set; every message the agent signs will be stale")
         relay = launch.get("relay")
         if relay:
             _relay_in_thread(str(relay["listen"]), str(relay["connect"]))

@@ -34,6 +34,7 @@ def run_up(
     workers: int,
     nats_url: str | None = None,
     replicas: int = 1,
+    launchers: bool = True,
 ) -> int:
     for name, port in (("--nats-port", nats_port), ("--http-port", http_port)):
         if not 1 <= port <= 65535:
@@ -66,11 +67,14 @@ def run_up(
         external_url=nats_url,
         streams=StreamSettings(replicas=replicas),
     )
-    return run(_serve(config))
+    return run(_serve(config, launchers))
 
 
-async def _serve(config: RuntimeConfig) -> int:
-    runtime = Runtime(config, children=worker_children)
+async def _serve(config: RuntimeConfig, launchers: bool = True) -> int:
+    from launchers.children import LauncherChildren
+
+    plan = LauncherChildren.plan(launchers)
+    runtime = Runtime(config, children=lambda rt: worker_children(rt) + plan.children(rt))
     runtime.preflight()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,6 +82,9 @@ async def _serve(config: RuntimeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await runtime.start()
     try:
+        assert runtime.gateway is not None
+        await plan.ensure_consumers(runtime.gateway.js)
+        print(f"symbi: {plan.summary()}", flush=True)
         http = f", http://127.0.0.1:{config.http_port}" if config.http_port else ""
         print(
             f"symbi: ready on {runtime.url}{http} (state {runtime.state.root}, "

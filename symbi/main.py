@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="policy worker processes (default: $SYMBIONT_COMM_BUS_THREADS, else 2)",
     )
 
+    up.add_argument(
+        "--no-launchers",
+        action="store_true",
+        help="do not run the launcher services (host.launcher), e.g. in tests",
+    )
+
     agent = sub.add_parser("agent", help="register, revoke and list agents")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     reg = agent_sub.add_parser("register", help="register an agent and write its credentials")
@@ -150,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 policies=args.policies,
                 nats_url=args.nats_url,
                 replicas=args.replicas,
+                launchers=not args.no_launchers,
                 workers=args.workers
                 if args.workers is not None
                 else _env_int("SYMBIONT_COMM_BUS_THREADS", 2),

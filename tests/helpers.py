@@ -61,6 +61,9 @@ class SymbiUp:
     nats_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     extra: tuple[str, ...] = ()
+    # Launcher services start only where a test asks for them: they reap and
+    # stop sandboxes, which would race the tests that drive a Launcher directly.
+    launchers: bool = False
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
 
@@ -85,6 +88,8 @@ class SymbiUp:
         ]
         if self.policies is not None:
             argv += ["--policies", str(self.policies)]
+        if not self.launchers:
+            argv.append("--no-launchers")
         argv += list(self.extra)
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO

@@ -27,6 +27,7 @@ import pytest
 from agent_sdk.errors import AgentNotFoundError, SandboxError
 from agent_sdk.names import Tier
 from broker_gateway.gateway import Gateway
+from broker_gateway.registry import Registry
 from broker_gateway.state import StateDir
 from launchers.backend import AGENT_UID, BackendName, Limits
 from launchers.docker_backend import LABEL
@@ -177,6 +178,14 @@ async def wait_log(
             return text
         await asyncio.sleep(0.1)
     raise AssertionError(f"no {needle!r} in the agent's output:\n{text}")
+
+
+async def wait_revoked(registry: Registry, address: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if (await registry.get(address)).status == "revoked":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{address} is still active")
 
 
 def unique(prefix: str) -> str:
@@ -387,8 +396,9 @@ async def test_the_service_reaps_exited_agents(
             await asyncio.sleep(0.1)
         assert not sandbox.root.exists()
         assert leftovers(client, "docker", agent_id) == []
-        record = await (await launcher.require_gateway().registry()).get(f"docker.{agent_id}")
-        assert record.status == "revoked"
+        # Files first, then the revocation (a round trip to the gateway of `symbi up`).
+        registry = await launcher.require_gateway().registry()
+        await wait_revoked(registry, f"docker.{agent_id}")
     finally:
         stop.set()
         await service
