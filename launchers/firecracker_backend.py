@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import ClassVar
 
 from agent_sdk.errors import SandboxError
 from launchers.backend import AGENT_GID, AGENT_UID, BackendName, Sandbox, SandboxSpec, SandboxStatus
-from launchers.console import console_status, follow_console, wait_exit, wait_started
+from launchers.console import console_status, follow_console, wait_exit
 from launchers.docker_backend import nats_host_port
 from launchers.firecracker_config import (
     GUEST_NATS_ADDRESS,
@@ -32,7 +31,7 @@ from launchers.firecracker_config import (
     firecracker_argv,
     vm_config,
 )
-from launchers.host_relay import spawn_relay, stop_relay
+from launchers.host_relay import start_behind_relay, stop_relay
 from launchers.processes import kill_process
 from launchers.qemu_command import Disk
 from launchers.vm_backend import build_app_disk, build_launch_disk, vm_image
@@ -90,27 +89,15 @@ class FirecrackerBackend:
         spec.dirs.net.mkdir(mode=0o700, exist_ok=True)
         host, port = nats_host_port(spec.nats_url)
         relay_socket = vm.relay_socket
-        relay = spawn_relay(relay_socket, f"tcp:{host}:{port}", spec.root / "relay.log")
-        try:
-            with spec.dirs.console.open("ab") as console:
-                proc = subprocess.Popen(
-                    firecracker_argv(config, vm, self.binary),
-                    stdin=subprocess.DEVNULL,
-                    stdout=console,
-                    stderr=console,
-                    start_new_session=True,
-                )
-        except OSError as exc:
-            stop_relay(relay, relay_socket)
-            raise SandboxError(f"cannot start {spec.name}: {exc.strerror}") from exc
-        try:
-            wait_started(spec.dirs.console, lambda: proc.poll() is None, spec.name)
-        except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            stop_relay(relay, relay_socket)
-            raise
+        proc, relay = start_behind_relay(
+            firecracker_argv(config, vm, self.binary),
+            relay_socket,
+            host,
+            port,
+            spec.root,
+            spec.dirs.console,
+            spec.name,
+        )
         return Sandbox(
             self.name,
             spec.tier,

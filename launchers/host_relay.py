@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent_sdk.errors import SandboxError
 from launchers import sandbox_init
+from launchers.console import wait_started
 from launchers.processes import kill_process, process_alive
 
 
@@ -64,3 +65,41 @@ def stop_relay(pid: int, listen_socket: Path, timeout: float = 5.0) -> None:
 
 def relay_alive(pid: int, listen_socket: Path) -> bool:
     return process_alive(pid, relay_marker(listen_socket))
+
+
+def start_behind_relay(
+    argv: list[str],
+    relay_socket: Path,
+    nats_host: str,
+    nats_port: int,
+    root: Path,
+    console: Path,
+    name: str,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the relay to NATS, then the sandbox process ``argv`` with its console.
+
+    Returns ``(process, relay pid)`` once the sandbox has started; on any
+    failure both are stopped again, so nothing is left behind.
+    """
+    relay = spawn_relay(relay_socket, f"tcp:{nats_host}:{nats_port}", root / "relay.log")
+    try:
+        with console.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+    except OSError as exc:
+        stop_relay(relay, relay_socket)
+        raise SandboxError(f"cannot start {name}: {exc.strerror}") from exc
+    try:
+        wait_started(console, lambda: proc.poll() is None, name)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        stop_relay(relay, relay_socket)
+        raise
+    return proc, relay

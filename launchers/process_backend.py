@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +39,9 @@ from launchers.backend import (
     SandboxSpec,
     SandboxStatus,
 )
-from launchers.console import console_status, follow_console, wait_exit, wait_started
+from launchers.console import console_status, follow_console, wait_exit
 from launchers.docker_backend import RELAY_SOCKET, nats_host_port
-from launchers.host_relay import spawn_relay, stop_relay
+from launchers.host_relay import start_behind_relay, stop_relay
 from launchers.paths import SETUP_HINT, cache_dir
 from launchers.processes import kill_process, process_alive
 
@@ -165,27 +164,15 @@ class ProcessBackend:
             raise SandboxError(f"cannot prepare {net}: {exc.strerror}") from exc
         host, port = nats_host_port(spec.nats_url)
         relay_socket = net / RELAY_SOCKET
-        relay = spawn_relay(relay_socket, f"tcp:{host}:{port}", spec.root / "relay.log")
-        try:
-            with spec.dirs.console.open("ab") as console:
-                proc = subprocess.Popen(
-                    bwrap_argv(spec, self.rootfs, self.binary),
-                    stdin=subprocess.DEVNULL,
-                    stdout=console,
-                    stderr=console,
-                    start_new_session=True,
-                )
-        except OSError as exc:
-            stop_relay(relay, relay_socket)
-            raise SandboxError(f"cannot start {spec.name}: {exc.strerror}") from exc
-        try:
-            wait_started(spec.dirs.console, lambda: proc.poll() is None, spec.name)
-        except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            stop_relay(relay, relay_socket)
-            raise
+        proc, relay = start_behind_relay(
+            bwrap_argv(spec, self.rootfs, self.binary),
+            relay_socket,
+            host,
+            port,
+            spec.root,
+            spec.dirs.console,
+            spec.name,
+        )
         return Sandbox(
             self.name,
             spec.tier,
