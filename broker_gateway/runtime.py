@@ -84,10 +84,7 @@ class Runtime:
     def preflight(self) -> None:
         """Fail before anything starts: ports in use."""
         cfg = self.config
-        if cfg.external_url is None and not port_free(cfg.nats_port):
-            raise ConfigError(f"NATS port 127.0.0.1:{cfg.nats_port} is already in use")
-        if cfg.http_port is not None and not port_free(cfg.http_port):
-            raise ConfigError(f"HTTP port 127.0.0.1:{cfg.http_port} is already in use")
+        check_ports(None if cfg.external_url else cfg.nats_port, cfg.http_port)
 
     async def start(self) -> None:
         self.preflight()
@@ -237,6 +234,15 @@ class Runtime:
             if proc.returncode is None:
                 procs.labels(kind=name.split("-")[0]).inc()
         return registry
+
+
+def check_ports(nats_port: int | None, http_port: int | None) -> None:
+    """Refuse ports that are in use (None: not ours to open), with one clear line."""
+    if nats_port is not None and nats_port == http_port:
+        raise ConfigError(f"--nats-port and --http-port are both {nats_port}")
+    for name, port in (("NATS", nats_port), ("HTTP", http_port)):
+        if port is not None and not port_free(port):
+            raise ConfigError(f"{name} port 127.0.0.1:{port} is already in use")
 
 
 def python_module_argv(module: str, *args: str) -> list[str]:

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from agent_sdk.errors import ConfigError
-from broker_gateway.runtime import ChildSpec, Runtime, RuntimeConfig
-from broker_gateway.server import port_free
+from broker_gateway.runtime import ChildSpec, Runtime, RuntimeConfig, check_ports
 from broker_gateway.state import StateDir
 from broker_gateway.streams import StreamSettings
 from symbi.runner import run
@@ -51,12 +50,7 @@ def run_up(
         from policy_worker.policy import load_policies
 
         load_policies(policy_path)
-    ports = [("HTTP", http_port)] if nats_url else [("NATS", nats_port), ("HTTP", http_port)]
-    for name, port in ports:
-        if not port_free(port):
-            raise ConfigError(f"{name} port 127.0.0.1:{port} is already in use")
-    if nats_url is None and nats_port == http_port:
-        raise ConfigError(f"--nats-port and --http-port are both {nats_port}")
+    check_ports(None if nats_url else nats_port, http_port)
     state = StateDir.open(state_dir)
     config = RuntimeConfig(
         state_dir=state.root,
@@ -75,7 +69,6 @@ async def _serve(config: RuntimeConfig, launchers: bool = True) -> int:
 
     plan = LauncherChildren.plan(launchers)
     runtime = Runtime(config, children=lambda rt: worker_children(rt) + plan.children(rt))
-    runtime.preflight()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
