@@ -40,6 +40,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from agent_sdk.errors import BrokerError, PublishError
+from policy_worker.direct_client import DirectClient, status_of
 
 EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 # JSStreamWrongLastSequenceErrF and its constant variant.
@@ -109,8 +110,9 @@ class JetStreamIO:
         self.timeout_s = timeout_s
         self._kv: dict[str, KeyValue] = {}
         self._reply_prefix = ""
+        self._reply_prefix_len = 0
         self._reply_sub: Subscription | None = None
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self._tokens = itertools.count(1)
 
     async def open_bucket(self, bucket: str) -> KeyValue:
@@ -125,17 +127,29 @@ class JetStreamIO:
     async def _replies(self) -> str:
         if self._reply_sub is None:
             prefix = self.nc.new_inbox() + "."
+            nc = self.nc
             try:
-                self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+                if isinstance(nc, DirectClient):  # PubAcks straight from the read loop
+                    self._reply_sub = await nc.subscribe(prefix + "*")
+                    nc.on_raw(self._reply_sub, self._on_raw_reply)
+                else:
+                    self._reply_sub = await nc.subscribe(prefix + "*", cb=self._on_reply)
             except NatsError as exc:
                 raise BrokerError(f"cannot subscribe for PubAcks: {exc!r}") from exc
             self._reply_prefix = prefix
+            self._reply_prefix_len = len(prefix)
         return self._reply_prefix
 
-    async def _on_reply(self, msg: Msg) -> None:
-        fut = self._waiting.pop(msg.subject[len(self._reply_prefix) :], None)
+    def _on_raw_reply(self, subject: bytes, data: bytes, headers: bytes) -> None:
+        fut = self._waiting.pop(subject[self._reply_prefix_len :], None)
         if fut is not None and not fut.done():
-            fut.set_result(msg)
+            fut.set_result(Reply(data, status_of(headers) if headers else ""))
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject[self._reply_prefix_len :].encode()
+        fut = self._waiting.pop(token, None)
+        if fut is not None and not fut.done():
+            fut.set_result(Reply(msg.data, (msg.headers or {}).get("Status", "")))
 
     async def publish_all(self, requests: Sequence[Publish]) -> list[PublishResult]:
         """Publish every request concurrently; one :class:`Ack` or error per request, in order."""
@@ -143,13 +157,14 @@ class JetStreamIO:
             return []
         prefix = await self._replies()
         loop = asyncio.get_running_loop()
-        sent: list[tuple[str, asyncio.Future[Msg]] | BrokerError] = []
+        sent: list[tuple[bytes, asyncio.Future[Reply]] | BrokerError] = []
         for req in requests:
-            token = str(next(self._tokens))
-            fut: asyncio.Future[Msg] = loop.create_future()
+            number = str(next(self._tokens))
+            token = number.encode("ascii")
+            fut: asyncio.Future[Reply] = loop.create_future()
             self._waiting[token] = fut
             try:
-                await self._publish(req, prefix + token)
+                await self._publish(req, prefix + number)
             except (NatsError, OSError) as exc:
                 self._waiting.pop(token, None)
                 sent.append(PublishError(f"publish to {req.subject} failed: {exc!r}"))
@@ -292,16 +307,23 @@ class JetStreamIO:
         return ack.seq
 
 
-def read_ack(msg: Msg, subject: str) -> PublishResult:
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What came back to a publish: the body, and the inline status of an empty one."""
+
+    data: bytes
+    status: str = ""
+
+
+def read_ack(reply: Reply, subject: str) -> PublishResult:
     """The PubAck (or error) that a stream answered to a publish on ``subject``."""
-    if not msg.data:  # a status: 503 no responders, i.e. no stream on that subject
-        status = (msg.headers or {}).get("Status", "?")
-        return PublishError(f"no stream took {subject} (status {status})")
-    plain = _PLAIN_ACK.fullmatch(msg.data)
+    if not reply.data:  # a status: 503 no responders, i.e. no stream on that subject
+        return PublishError(f"no stream took {subject} (status {reply.status or '?'})")
+    plain = _PLAIN_ACK.fullmatch(reply.data)
     if plain is not None:
         return Ack(plain[1].decode("ascii"), int(plain[2]), plain[3] is not None)
     try:
-        body = json.loads(msg.data)
+        body = json.loads(reply.data)
         if "error" in body:
             error = body["error"]
             description = str(error.get("description", "error"))

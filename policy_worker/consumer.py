@@ -35,6 +35,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from agent_sdk.errors import BrokerError
+from policy_worker.direct_client import DirectClient
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,13 @@ class PullConsumer:
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
+        nc = self.nc
         try:
-            self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+            if isinstance(nc, DirectClient):  # pulled messages without nats-py's queue hop
+                self._sub = await nc.subscribe(self._inbox)
+                nc.on_msg(self._sub, self._take)
+            else:
+                self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
         except NatsError as exc:
             raise BrokerError(f"cannot subscribe for pulled messages: {exc!r}") from exc
 
@@ -107,6 +113,8 @@ class PullConsumer:
     async def close(self) -> None:
         await self.release()
         if self._sub is not None:
+            if isinstance(self.nc, DirectClient):
+                self.nc.forget(self._sub)
             try:
                 await self._sub.unsubscribe()
             except NatsError as exc:
@@ -190,6 +198,9 @@ class PullConsumer:
             self.outstanding = 0
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._take(msg)
+
+    def _take(self, msg: Msg) -> None:
         self._last_activity = time.monotonic()
         if msg.reply:  # a message to process: it has its acknowledgement subject
             self.outstanding = max(0, self.outstanding - 1)

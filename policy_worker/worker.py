@@ -22,7 +22,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -43,6 +42,7 @@ from policy_worker.bus_ops import SubscriptionWriter
 from policy_worker.checks import Checker
 from policy_worker.config import WorkerConfig
 from policy_worker.consumer import PullConsumer
+from policy_worker.direct_client import DirectClient
 from policy_worker.metrics import WorkerMetrics
 from policy_worker.pipeline import Pipeline
 from policy_worker.rate_store import RateStore
@@ -224,18 +224,20 @@ async def _connect(config: WorkerConfig, hooks: _Hooks) -> Client:
             hook()
 
     async def attempt() -> Client:
-        return await nats.connect(
+        nc = DirectClient()
+        await nc.connect(
             config.nats_url,
             user_credentials=str(config.creds),
             name=f"symbi-{config.name}",
             connect_timeout=2,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # used as a float (sleep)
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
         )
+        return nc
 
     return await _retry(attempt, config, f"cannot connect to NATS at {config.nats_url}")
 

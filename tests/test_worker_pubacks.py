@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from nats.aio.msg import Msg
 from nats.errors import BadHeaderError
 
 from agent_sdk.errors import PublishError
-from policy_worker.broker import Ack, RevisionConflict, read_ack
+from policy_worker.broker import Ack, Reply, RevisionConflict, read_ack
 
 
-def _msg(data: bytes, headers: dict[str, str] | None = None) -> Msg:
-    return Msg(None, "_INBOX.x.1", "", data, headers)  # type: ignore[arg-type]
+def _msg(data: bytes, status: str = "") -> Reply:
+    return Reply(data, status)
 
 
 @pytest.mark.parametrize(
@@ -34,7 +33,7 @@ def test_puback_errors_are_mapped() -> None:
     other = b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}'
     result = read_ack(_msg(other), "s")
     assert isinstance(result, PublishError) and not isinstance(result, RevisionConflict)
-    assert isinstance(read_ack(_msg(b"", {"Status": "503"}), "s"), PublishError)
+    assert isinstance(read_ack(_msg(b"", "503"), "s"), PublishError)
     assert isinstance(read_ack(_msg(b'{"stream":"S"}'), "s"), PublishError)
 
 
