@@ -91,6 +91,29 @@ class Ack:
 PublishResult = Ack | BrokerError
 
 
+class _Stage:
+    """The replies to one :meth:`JetStreamIO.publish_all`, and ONE future set when all are in.
+
+    One future per stage rather than per publish: a batch's PubAcks resolve
+    nothing until the last one, and then wake the waiting batch once.
+    """
+
+    __slots__ = ("done", "missing", "replies")
+
+    def __init__(self, size: int, done: asyncio.Future[None]) -> None:
+        self.replies: list[Reply | BrokerError | None] = [None] * size
+        self.missing = size
+        self.done = done
+
+    def answer(self, index: int, reply: Reply | BrokerError) -> None:
+        if self.replies[index] is not None:
+            return
+        self.replies[index] = reply
+        self.missing -= 1
+        if self.missing == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
 class JetStreamIO:
     """Acknowledged publishes and KV operations on one connection.
 
@@ -112,7 +135,8 @@ class JetStreamIO:
         self._reply_prefix = ""
         self._reply_prefix_len = 0
         self._reply_sub: Subscription | None = None
-        self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
+        # reply token -> the stage that waits for it, and the publish's place in it
+        self._waiting: dict[bytes, tuple[_Stage, int]] = {}
         self._tokens = itertools.count(1)
 
     async def open_bucket(self, bucket: str) -> KeyValue:
@@ -141,51 +165,47 @@ class JetStreamIO:
         return self._reply_prefix
 
     def _on_raw_reply(self, subject: bytes, data: bytes, headers: bytes) -> None:
-        fut = self._waiting.pop(subject[self._reply_prefix_len :], None)
-        if fut is not None and not fut.done():
-            fut.set_result(Reply(data, status_of(headers) if headers else ""))
+        waiter = self._waiting.pop(subject[self._reply_prefix_len :], None)
+        if waiter is not None:
+            waiter[0].answer(waiter[1], Reply(data, status_of(headers) if headers else ""))
 
     async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject[self._reply_prefix_len :].encode()
-        fut = self._waiting.pop(token, None)
-        if fut is not None and not fut.done():
-            fut.set_result(Reply(msg.data, (msg.headers or {}).get("Status", "")))
+        waiter = self._waiting.pop(msg.subject[self._reply_prefix_len :].encode(), None)
+        if waiter is not None:
+            waiter[0].answer(waiter[1], Reply(msg.data, (msg.headers or {}).get("Status", "")))
 
     async def publish_all(self, requests: Sequence[Publish]) -> list[PublishResult]:
         """Publish every request concurrently; one :class:`Ack` or error per request, in order."""
         if not requests:
             return []
         prefix = await self._replies()
-        loop = asyncio.get_running_loop()
-        sent: list[tuple[bytes, asyncio.Future[Reply]] | BrokerError] = []
-        for req in requests:
+        stage = _Stage(len(requests), asyncio.get_running_loop().create_future())
+        tokens: list[bytes | None] = []
+        for index, req in enumerate(requests):
             number = str(next(self._tokens))
             token = number.encode("ascii")
-            fut: asyncio.Future[Reply] = loop.create_future()
-            self._waiting[token] = fut
+            self._waiting[token] = (stage, index)
             try:
                 await self._publish(req, prefix + number)
             except (NatsError, OSError) as exc:
                 self._waiting.pop(token, None)
-                sent.append(PublishError(f"publish to {req.subject} failed: {exc!r}"))
+                stage.answer(index, PublishError(f"publish to {req.subject} failed: {exc!r}"))
+                tokens.append(None)
                 continue
-            sent.append((token, fut))
+            tokens.append(token)
         self._wake_flusher()
-        pending = [s[1] for s in sent if not isinstance(s, BrokerError) and not s[1].done()]
-        if pending:
-            await asyncio.wait(pending, timeout=self.timeout_s)
+        if not stage.done.done():
+            await asyncio.wait([stage.done], timeout=self.timeout_s)
         results: list[PublishResult] = []
-        for entry, req in zip(sent, requests, strict=True):
-            if isinstance(entry, BrokerError):
-                results.append(entry)
-                continue
-            token, fut = entry
-            if not fut.done():
-                self._waiting.pop(token, None)
-                fut.cancel()
-                results.append(PublishError(f"no PubAck for {req.subject} in time"))
+        for sent, req, reply in zip(tokens, requests, stage.replies, strict=True):
+            if isinstance(reply, Reply):
+                results.append(read_ack(reply, req.subject))
+            elif reply is not None:
+                results.append(reply)
             else:
-                results.append(read_ack(fut.result(), req.subject))
+                if sent is not None:
+                    self._waiting.pop(sent, None)
+                results.append(PublishError(f"no PubAck for {req.subject} in time"))
         return results
 
     async def _publish(self, req: Publish, reply: str) -> None:

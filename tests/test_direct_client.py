@@ -128,3 +128,16 @@ def test_status_of_reads_the_inline_status() -> None:
     assert status_of(b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 3\r\n\r\n") == "408"
     assert status_of(b"NATS/1.0\r\nK: v\r\n\r\n") == ""
     assert status_of(b"") == ""
+
+
+async def test_a_publish_nobody_answers_times_out_alone(client: DirectClient) -> None:
+    js = client.jetstream()
+    await js.add_stream(name="T", subjects=["t.>"])
+    await client.subscribe("silent.x")  # a subscriber that never answers: no 503 either
+    io = JetStreamIO(client, timeout_s=0.3)
+    first, silent, last = await io.publish_all(
+        [Publish("t.1", b"x", {}), Publish("silent.x", b"x", {}), Publish("t.2", b"x", {})]
+    )
+    assert first == Ack("T", 1) and last == Ack("T", 2)
+    assert not isinstance(silent, Ack) and "in time" in str(silent)
+    assert io._waiting == {}
