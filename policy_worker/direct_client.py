@@ -11,8 +11,14 @@ time. :class:`DirectClient` lets the worker's two hot subscriptions skip it:
 - :meth:`DirectClient.on_raw` hands the raw bytes to a plain function, at once,
   from the connection's read loop (PubAcks: no ``Msg``, no header parsing);
 - :meth:`DirectClient.on_msg` builds the ``Msg`` exactly as nats-py would
-  (headers parsed by nats-py itself, so statuses and odd headers read the
+  (headers parsed by nats-py's own code, so statuses and odd headers read the
   same) and calls a plain function with it, without the queue.
+
+It also parses header lines the way nats-py does, but remembers which raw
+names it has already judged (an ingress message carries a dozen headers, the
+same names every time), instead of decoding and scanning each name per
+message: the same result, cheaper (tests/test_direct_client.py compares the
+two on random header blocks).
 
 Every other subscription (JetStream API requests, KV reads, the registry
 watch) takes nats-py's usual path. The handlers run inside the read loop, so
@@ -28,12 +34,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 log = logging.getLogger(__name__)
+
+_CRLF: Final = b"\r\n"
+_MAX_NAMES: Final = 4096
 
 RawHandler = Callable[[bytes, bytes, bytes], None]
 """``(subject, data, raw headers)``: raw headers are ``b""`` when there are none."""
@@ -84,9 +94,43 @@ class DirectClient(Client):
         except Exception:
             log.exception("handling a message on %r failed", subject[:128])
 
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        """``Client._parse_header_lines``, with each distinct raw name judged once."""
+        out: dict[str, str] = {}
+        names = _NAMES
+        for line in raw.split(_CRLF):
+            if not line:
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = names[name]
+            except KeyError:
+                key = header_name(name)
+                if len(names) < _MAX_NAMES:
+                    names[name] = key
+            if key is None:
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
     def _count(self, data: bytes) -> None:
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
+
+
+_NAMES: dict[bytes, str | None] = {}
+
+
+def header_name(name: bytes) -> str | None:
+    """What nats-py makes of a raw header name: the stripped ASCII token, or None (skipped)."""
+    try:
+        key = name.strip().decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return None if any(c.isspace() for c in key) else key
 
 
 def status_of(raw_headers: bytes) -> str:

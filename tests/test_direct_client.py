@@ -141,3 +141,20 @@ async def test_a_publish_nobody_answers_times_out_alone(client: DirectClient) ->
     assert first == Ack("T", 1) and last == Ack("T", 2)
     assert not isinstance(silent, Ack) and "in time" in str(silent)
     assert io._waiting == {}
+
+
+def test_header_lines_parse_as_nats_py_parses_them() -> None:
+    import random
+
+    from nats.aio.client import Client
+
+    rng = random.Random(7)
+    pieces = [b"Symbi-Id", b" Name ", b"na me", b"X\xff", b"", b":", b" ", b"\t", b"v", b"\xc3\xa9"]
+    pieces += [b"Nats-Msg-Id", b"a:b", b"\r", b"\n", b"\x00", b"K"]
+    for _ in range(3000):
+        lines = [
+            b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 5)))
+            for _ in range(rng.randint(0, 6))
+        ]
+        raw = b"\r\n".join(lines) + rng.choice([b"", b"\r\n", b"\r\n\r\n"])
+        assert DirectClient._parse_header_lines(raw) == Client._parse_header_lines(raw), raw
