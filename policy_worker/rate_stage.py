@@ -1,15 +1,17 @@
 """The rate stage of a batch: one admission per (sender, policy), all in flight together.
 
-:func:`start_rate` schedules the compare-and-sets of
-:class:`~policy_worker.rate_store.RateStore` without waiting, so that the
-pipeline can send them in the same flush as the batch's nonce creates;
-:func:`rated` collects which messages went over their rate, and
-:func:`limit` denies those as ``rate_limited``.
+:func:`start_rate` first admits what this worker's local reserves cover
+(:meth:`~policy_worker.rate_store.RateStore.admit_local`, no I/O, no task), then
+schedules the compare-and-sets of :class:`~policy_worker.rate_store.RateStore`
+for the rest without waiting, so that the pipeline can send them in the same
+flush as the batch's nonce creates; :func:`rated` collects which messages went
+over their rate, and :func:`limit` denies those as ``rate_limited``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from agent_sdk.errors import BrokerError
@@ -22,15 +24,28 @@ Over = tuple[IngressItem, Policy, Decision]
 
 
 @dataclass(slots=True)
-class Rating:
-    """Admissions under way: (policy, its messages) per rate key, and their results."""
+class Pending:
+    """A group that its reserve did not cover: its first ``local`` members are admitted."""
 
-    groups: list[tuple[Policy, list[IngressItem]]]
+    policy: Policy
+    members: list[IngressItem]
+    local: int
+
+
+@dataclass(slots=True)
+class Rating:
+    """Admissions under way: the groups that needed the shared state, and their results.
+
+    ``admissions`` is None when there was nothing to send: no rated message, or
+    every group admitted in full from the local reserves.
+    """
+
+    groups: list[Pending]
     admissions: asyncio.Future[list[int | BaseException]] | None
 
 
-def start_rate(rates: RateStore, items: list[IngressItem]) -> Rating:
-    """Start one admission per (sender, policy) of ``items`` (scheduled, not yet sent)."""
+def _groups(items: list[IngressItem]) -> dict[str, tuple[Policy, list[IngressItem]]]:
+    """The rated messages of ``items`` by rate key (sender, policy), in arrival order."""
     groups: dict[str, tuple[Policy, list[IngressItem]]] = {}
     for item in items:
         if item.error is not None or item.arrived_from is None:
@@ -43,22 +58,34 @@ def start_rate(rates: RateStore, items: list[IngressItem]) -> Rating:
                 continue
             seen.add(policy.name)
             groups.setdefault(rate_key(sender, policy.name), (policy, []))[1].append(item)
-    if not groups:
-        return Rating([], None)
-    admissions = asyncio.gather(
-        *(
+    return groups
+
+
+def start_rate(rates: RateStore, items: list[IngressItem]) -> Rating:
+    """Admit ``items`` from the local reserves, and start one admission per other group.
+
+    The shared admissions are scheduled, not yet sent.
+    """
+    pending: list[Pending] = []
+    calls: list[Awaitable[int]] = []
+    for key, (policy, members) in _groups(items).items():
+        now_ms = max(i.stored_ms for i in members)
+        local = rates.admit_local(key, now_ms, len(members))
+        if local == len(members):
+            continue
+        pending.append(Pending(policy, members, local))
+        calls.append(
             rates.admit(
                 key,
-                now_ms=max(i.stored_ms for i in members),
+                now_ms=now_ms,
                 rate=policy.rate,
                 burst=policy.burst,
-                n=len(members),
+                n=len(members) - local,
             )
-            for key, (policy, members) in groups.items()
-        ),
-        return_exceptions=True,
-    )
-    return Rating(list(groups.values()), admissions)
+        )
+    if not calls:
+        return Rating([], None)
+    return Rating(pending, asyncio.gather(*calls, return_exceptions=True))
 
 
 async def rated(rating: Rating) -> list[Over]:
@@ -67,20 +94,22 @@ async def rated(rating: Rating) -> list[Over]:
         return []
     results = await rating.admissions
     over: list[Over] = []
-    for (policy, members), result in zip(rating.groups, results, strict=True):
+    for group, result in zip(rating.groups, results, strict=True):
+        policy, members = group.policy, group.members
         if isinstance(result, BrokerError):
-            for item in members:
+            for item in members[group.local :]:  # the reserve's are decided already
                 item.fail(f"rate limiter: {result}")
             continue
         if isinstance(result, BaseException):
             raise result
-        if result < len(members):
+        admitted = group.local + result
+        if admitted < len(members):
             limited = Decision(
                 "rate_limited",
                 policy,
                 f"over {policy.rate:g} messages/s (burst {policy.burst})",
             )
-            over.extend((item, policy, limited) for item in members[result:])
+            over.extend((item, policy, limited) for item in members[admitted:])
     return over
 
 

@@ -31,6 +31,8 @@ from policy_worker.delivery import forwarded_headers
 from policy_worker.ingress import IngressItem, stage_of
 from policy_worker.metrics import WorkerMetrics
 from policy_worker.policy import default_policies
+from policy_worker.rate_limit import encode_state
+from policy_worker.rate_stage import rated, start_rate
 from policy_worker.rate_store import RateStore
 from policy_worker.recipients import RecipientResolver
 from policy_worker.replay import (
@@ -335,6 +337,52 @@ async def test_rate_store_recovers_from_another_workers_write() -> None:
     # mine remembers a stale revision: the write conflicts, it re-reads, one is left.
     assert await mine.admit("k", now_ms=NOW_MS, rate=10, burst=4, n=3) == 1
     assert mine.conflicts == 1
+
+
+def _batch(alice: Signer, checker: Checker, size: int) -> list[IngressItem]:
+    """``size`` messages from alice to bob, stored at the same instant (one rate group)."""
+    fields = {"sender": "docker.alice", "to": "docker.bob", "type": "data", "level": "public"}
+    envs = [sign(build(**fields, time_ms=NOW_MS), alice) for _ in range(size)]
+    return [_inspect(checker, env, stored_ms=NOW_MS) for env in envs]
+
+
+async def test_rate_stage_admits_from_the_reserve_without_tasks(
+    parties: tuple[Signer, Checker],
+) -> None:
+    alice, checker = parties
+    io = FakeIO()
+    rates = RateStore(io)  # type: ignore[arg-type]
+    first = start_rate(rates, _batch(alice, checker, 1))  # 1000/s, burst 2000: reserve 100
+    assert first.admissions is not None
+    assert await rated(first) == []
+    assert io.writes == 1
+    covered = start_rate(rates, _batch(alice, checker, 60))
+    assert covered.admissions is None and covered.groups == []
+    assert await rated(covered) == []
+    assert (io.writes, rates.local_admissions) == (1, 60)
+    # 40 reserved left for 41 messages: the shared state admits the last one.
+    partly = start_rate(rates, _batch(alice, checker, 41))
+    assert [g.local for g in partly.groups] == [40]
+    assert await rated(partly) == []
+    assert io.writes == 2
+
+
+async def test_rate_stage_limits_the_last_members_after_the_reserve(
+    parties: tuple[Signer, Checker],
+) -> None:
+    alice, checker = parties
+    io = FakeIO()
+    rates = RateStore(io)  # type: ignore[arg-type]
+    await rated(start_rate(rates, _batch(alice, checker, 99)))  # reserve 100 charged
+    await rated(start_rate(rates, _batch(alice, checker, 98)))  # 2 left
+    [key] = io.data
+    # Another worker has used up the sender's bucket since: the shared state admits nothing.
+    io.data[key] = (io.seq + 1, encode_state(NOW_MS + 10_000))
+    items = _batch(alice, checker, 3)
+    over = await rated(start_rate(rates, items))
+    assert [item for item, _, _ in over] == items[2:]
+    assert {decision.reason for _, _, decision in over} == {"rate_limited"}
+    assert rates.local_admissions == 98 + 2
 
 
 async def test_nonce_claims() -> None:
