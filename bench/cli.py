@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-messages", type=int, default=d.drain_messages, help="backlog size (%(default)s)"
     )
     p.add_argument(
+        "--drain-rounds",
+        type=int,
+        default=d.drain_rounds,
+        help="alternating bare/router rounds of every drain; the median is reported (%(default)s)",
+    )
+    p.add_argument(
         "--recovery-burst",
         type=int,
         default=d.recovery_burst,
@@ -80,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rate=args.rate,
         duration_s=args.duration,
         drain_messages=args.drain_messages,
+        drain_rounds=args.drain_rounds,
         recovery_burst=args.recovery_burst,
         latency_workers=args.latency_workers,
         payload_bytes=args.payload_bytes,

@@ -18,6 +18,7 @@ class BenchConfig:
     rate: float = 1000.0
     duration_s: float = 10.0
     drain_messages: int = 20_000
+    drain_rounds: int = 3
     recovery_burst: int = 10_000
     probe_rate: float = 50.0
     recovery_idle_s: float = 3.0
@@ -35,6 +36,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0 or self.probe_rate <= 0:
             raise ValueError("rate, duration and probe rate must be positive")
+        if not 1 <= self.drain_rounds <= 15:
+            raise ValueError("drain rounds: between 1 and 15")
         if self.drain_messages < 1 or self.recovery_burst < 1:
             raise ValueError("message counts must be at least 1")
         if not 1 <= self.latency_workers <= 16:
@@ -50,6 +53,7 @@ def quick(config: BenchConfig) -> BenchConfig:
         rate=min(config.rate, 200.0),
         duration_s=1.0,
         drain_messages=300,
+        drain_rounds=1,
         recovery_burst=300,
         recovery_idle_s=1.0,
         recovery_tail_s=1.5,

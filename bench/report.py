@@ -13,7 +13,8 @@ LATENCY_HEADERS = (
     "p99 x", "lag p99", "CPU us/msg", "batch", "busy",
 )  # fmt: skip
 THROUGHPUT_HEADERS = (
-    "relay", "workers", "payload", "sent", "live", "durable", "msg/s", "x bare", "CPU us/msg",
+    "relay", "workers", "payload", "sent", "live", "durable", "msg/s", "rounds", "x bare",
+    "CPU us/msg",
     "CPU x", "server us/msg", "peak RSS MB", "batch", "busy",
 )  # fmt: skip
 
@@ -110,6 +111,7 @@ def _throughput_rows(results: dict[str, Any]) -> list[list[object]]:
                 [
                     kind, int(workers), "sealed" if sealed else "plaintext", phase["sent"],
                     phase["delivered_live"], phase["delivered_durable"], phase["throughput"],
+                    _spread(phase.get("round_throughputs")),
                     _x(ratios.get(key)) if kind == "router" else same,
                     phase["relay_cpu_us_per_msg"],
                     _x(cpu.get(key)) if kind == "router" else same,
@@ -118,6 +120,13 @@ def _throughput_rows(results: dict[str, Any]) -> list[list[object]]:
                 ]
             )  # fmt: skip
     return rows
+
+
+def _spread(rounds: list[float] | None) -> str | None:
+    """``min-max`` of a drain's rounds (the row shows the median one), or None for one round."""
+    if not rounds or len(rounds) < 2:
+        return None
+    return f"{min(rounds):,.0f}-{max(rounds):,.0f}"
 
 
 def render(results: dict[str, Any], path: Path | None = None) -> str:
@@ -138,7 +147,8 @@ def render(results: dict[str, Any], path: Path | None = None) -> str:
         table(LATENCY_HEADERS, _latency_rows(results)),
         "",
         f"Throughput, backlog of {cfg['drain_messages']:,} drained (msg/s from release to last"
-        " delivery)",
+        f" delivery); the median of {cfg.get('drain_rounds', 1)} alternating round(s), all"
+        " figures of that round; rounds = slowest-fastest",
         table(THROUGHPUT_HEADERS, _throughput_rows(results)),
         "scaling 1 -> 2 workers: "
         + ", ".join(f"{k} {_x(v) or '-'}" for k, v in results["ratios"]["scaling"].items()),

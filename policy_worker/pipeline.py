@@ -7,9 +7,10 @@ A batch costs TWO dependent broker round trips before its acknowledgements
    batch partly on ``crypto_threads`` if configured, see :meth:`Pipeline._check_all`);
 2. **claim + rate**, together: one nonce ``create`` per message (value: its
    ingress sequence, :mod:`policy_worker.replay`) and one compare-and-set per
-   (sender, policy) for the batch's first deliveries
-   (:mod:`policy_worker.rate_stage`). A clash with another ingress message is
-   a ``replay``, whatever the rate said;
+   (sender, policy) for the batch's first deliveries, unless this worker's
+   local reserve of that sender's rate covers them
+   (:mod:`policy_worker.rate_stage`, :mod:`policy_worker.rate_store`). A
+   clash with another ingress message is a ``replay``, whatever the rate said;
 3. **bus ops**: allowed ``host.bus`` ops rewrite the sender's subscriptions
    (only when the batch has any);
 4. **emit**: audit records and deliveries, all published at once (each audit

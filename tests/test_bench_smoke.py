@@ -113,3 +113,17 @@ def test_bare_relay_runs_on_its_own() -> None:
         check=False,
     )
     assert proc.returncode == 0 and "bare_relay" in proc.stdout
+
+
+def test_the_median_round_is_reported_with_every_rounds_throughput() -> None:
+    from bench.report import _spread
+    from bench.runner import median_round
+
+    rounds = [{"throughput": t, "cpu": c} for t, c in ((5000.0, 1), (3000.0, 2), (4000.0, 3))]
+    chosen = median_round(rounds)
+    assert chosen["throughput"] == 4000.0 and chosen["cpu"] == 3  # the whole median round
+    assert chosen["round_throughputs"] == [5000.0, 3000.0, 4000.0]
+    assert median_round(rounds[:2])["throughput"] == 3000.0  # even: the lower middle
+    assert median_round(rounds[:1])["round_throughputs"] == [5000.0]
+    assert _spread(chosen["round_throughputs"]) == "3,000-5,000"
+    assert _spread([5000.0]) is None
