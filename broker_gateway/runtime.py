@@ -29,12 +29,15 @@ from broker_gateway.accounts import build_trust, inbox_stream
 from broker_gateway.gateway import Gateway
 from broker_gateway.http import HttpEndpoint
 from broker_gateway.keys import route_signer_seed
+from broker_gateway.restarts import RestartBook
 from broker_gateway.revoke_service import RevokeService
 from broker_gateway.server import NatsServer, ServerConfig, port_free
 from broker_gateway.state import StateDir
 from broker_gateway.streams import AUDIT, INGRESS, StreamSettings
 
 log = logging.getLogger(__name__)
+
+_SUPERVISE_TICK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """A supervised child service, restarted if it dies."""
+    """A supervised child service, restarted if it dies (see :mod:`broker_gateway.restarts`)."""
 
     name: str
     argv: Sequence[str]
@@ -70,6 +73,7 @@ class Runtime:
         self.http: HttpEndpoint | None = None
         self.revoke_service: RevokeService | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._restarts = RestartBook()
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self._lock_fd: int | None = None
@@ -144,21 +148,31 @@ class Runtime:
             stdin=asyncio.subprocess.DEVNULL,
         )
         self._procs[spec.name] = proc
+        self._restarts.started(spec.name, time.monotonic())
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
     async def _supervise(self) -> None:
         specs = {
             s.name: s for s in (self._children_factory(self) if self._children_factory else [])
         }
+        book = self._restarts
         while not self._stopping:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(_SUPERVISE_TICK_S)
+            now = time.monotonic()
             for name, proc in list(self._procs.items()):
-                if proc.returncode is not None and not self._stopping:
-                    log.warning("%s exited with %s; restarting", name, proc.returncode)
+                if proc.returncode is None or self._stopping:
+                    continue
+                if book.children[name].restart_at is None:
+                    delay = book.exited(name, now)
+                    log.warning(
+                        "%s exited with %s; restarting in %.1f s", name, proc.returncode, delay
+                    )
                     with contextlib.suppress(KeyError):
                         prom_multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
                             proc.pid, str(self.metrics_dir)
                         )
+            for name in book.due(now):
+                if not self._stopping:
                     await self._spawn(specs[name])
 
     async def stop(self) -> None:
@@ -214,6 +228,7 @@ class Runtime:
             except NatsError:
                 report["streams"][name] = None
         report["workers"] = {n: p.returncode is None for n, p in self._procs.items()}
+        report["restarts"] = {n: r.restarts for n, r in self._restarts.children.items()}
         report["ok"] = all(report["streams"].values()) and all(report["workers"].values())
         return report
 
