@@ -24,6 +24,9 @@ from broker_gateway.accounts import ROUTER, SYS, Trust
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 4 * 1024 * 1024
+# Bytes the server may queue for one connection before it cuts it off as a
+# slow consumer; a policy worker's pull requests stay well below it.
+MAX_PENDING = 4 * MAX_PAYLOAD
 
 
 def server_binary() -> str:
@@ -93,7 +96,7 @@ def trust_config(trust: Trust, jwt_dir: Path) -> str:
         for name in (SYS, ROUTER)
     )
     return f"""max_payload: {MAX_PAYLOAD}
-max_pending: {4 * MAX_PAYLOAD}
+max_pending: {MAX_PENDING}
 operator: {json.dumps(trust.operator_jwt)}
 system_account: {trust.system_account}
 resolver {{

@@ -30,7 +30,9 @@ class WorkerConfig:
 
     ``batch`` bounds both a batch and the messages a worker asks the server
     for ahead of time (its pull window), so a worker never holds more than
-    about ``(inflight + 1) * batch`` unacknowledged messages; ``inflight``
+    about ``(inflight + 1) * batch`` unacknowledged messages (in bytes, a
+    batch stops at 4 MiB and the pull window at two requests of 5 MiB, see
+    :mod:`policy_worker.consumer`, whatever the message size); ``inflight``
     batches are processed at once (they mostly wait for the broker); while one
     is, the next starts with fewer than a few messages only once the oldest has
     waited ``linger_s`` (0: never waits). Batches of at least

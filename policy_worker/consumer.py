@@ -35,14 +35,25 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from agent_sdk.errors import BrokerError
+from broker_gateway.server import MAX_PAYLOAD
 from policy_worker.direct_client import DirectClient
 
 log = logging.getLogger(__name__)
 
 STATUS: Final = "Status"
 PENDING_MESSAGES: Final = "Nats-Pending-Messages"
-# Larger than the biggest message the server accepts (4 MiB), so one always fits.
-MAX_BYTES_PER_REQUEST: Final = 32 * 1024 * 1024
+# Bytes per pull request: more than the biggest message the server accepts
+# (MAX_PAYLOAD, 4 MiB), so one always fits, and small enough that the two
+# requests a worker may have open never reach the server's max_pending for
+# one connection (MAX_PENDING of ``symbi up``'s server; 64 MiB by default in
+# a NATS server of one's own): past it the server cuts the worker off
+# as a slow consumer, and every PubAck of its batches in flight is lost.
+MAX_BYTES_PER_REQUEST: Final = MAX_PAYLOAD + MAX_PAYLOAD // 4
+# A batch stops growing past this many bytes (it holds at least one message),
+# so that a backlog of big messages is processed a few MiB at a time: its
+# publishes get their PubAcks well within the operation timeout, and the
+# worker's memory stays bounded whatever the message size.
+MAX_BYTES_PER_BATCH: Final = MAX_PAYLOAD
 _ERROR_BACKOFF_S: Final = 0.5
 
 
@@ -146,10 +157,23 @@ class PullConsumer:
                 self._watchdog()
         if linger_s > 0 and len(self._buffer) < linger_below:
             await self._linger(self._oldest_at + linger_s, linger_below)
-        batch = [self._buffer.popleft() for _ in range(min(limit, len(self._buffer)))]
+        batch = self._take_batch(limit)
         if self._buffer:
             self._oldest_at = time.monotonic()
         await self._top_up()
+        return batch
+
+    def _take_batch(self, limit: int) -> list[Msg]:
+        """Up to ``limit`` messages from the buffer, and at most MAX_BYTES_PER_BATCH of them."""
+        batch: list[Msg] = []
+        size = 0
+        buffer = self._buffer
+        while buffer and len(batch) < limit:
+            msg = buffer[0]
+            size += len(msg.data)  # headers are small and bounded; payloads are not
+            if batch and size > MAX_BYTES_PER_BATCH:
+                break
+            batch.append(buffer.popleft())
         return batch
 
     async def _linger(self, until: float, enough: int) -> None:

@@ -1,4 +1,4 @@
-"""Workers that die, and a rate shared by workers (slow: real processes, real time).
+"""Workers that die, a rate shared by workers, a backlog of big messages (slow: real processes).
 
 ``symbi up --workers 0`` runs the broker; the tests start and stop their own
 worker processes, so they can kill one at a chosen moment. A killed worker's
@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -54,7 +55,9 @@ class World:
     agents: dict[str, Sender]
     workers: list[subprocess.Popen[bytes]]
 
-    def start_workers(self, count: int, prefix: str) -> list[subprocess.Popen[bytes]]:
+    def start_workers(
+        self, count: int, prefix: str, log: Path | None = None
+    ) -> list[subprocess.Popen[bytes]]:
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env.update(SYMBIONT_STATE_DIR=str(self.up.state_dir), SYMBIONT_NATS_URL=self.up.url)
         policies = str(self.up.policies)
@@ -72,6 +75,7 @@ class World:
                 cwd=REPO,
                 env=env,
                 stdin=subprocess.DEVNULL,
+                stderr=None if log is None else log.open("ab"),
             )
             for i in range(count)
         ]
@@ -101,9 +105,12 @@ async def world(up: SymbiUp) -> AsyncIterator[World]:
     router = await nats.connect(up.url, user_credentials=str(state.service_creds("router")))
     audit = await AuditLog().start(router)
     agents = {}
-    for tier, agent_id in [("firecracker", "f1"), ("docker", "sink"), ("docker", "sink2")] + [
-        ("docker", f"s{i}") for i in range(5)
-    ]:
+    for tier, agent_id in [
+        ("firecracker", "f1"),
+        ("docker", "sink"),
+        ("docker", "sink2"),
+        ("docker", "bigsink"),
+    ] + [("docker", f"s{i}") for i in range(5)]:
         agent = await register_sender(gateway, tier, agent_id)
         agents[agent.address] = agent
     await gateway.close()
@@ -213,3 +220,51 @@ async def test_killed_worker_loses_and_duplicates_nothing(world: World) -> None:
     assert len(set(delivered)) == len(delivered) == len(wanted)  # each exactly once
     assert set(delivered) == wanted
     assert stop_gracefully(workers[1]) == 0
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+async def test_a_backlog_of_big_messages_goes_through_whole_in_bounded_memory(
+    world: World,
+) -> None:
+    """300 messages of 1 MB waiting: all delivered once, none retried, worker under 150 MB.
+
+    Before batches and pull requests were bounded in bytes, the worker asked for
+    up to 32 MiB at once, the server cut it off as a slow consumer, and the
+    messages went round the retries into the dead-letter stream.
+    """
+    sender = world.agents["docker.s4"]
+    payload = os.urandom(1_000_000)
+    envs = [sender.envelope("docker.bigsink", payload) for _ in range(300)]
+    js = sender.nc.jetstream()
+    for env in envs:
+        await js.publish(sender.outbox, env.payload, headers=to_headers(env))
+    wanted = {env.id for env in envs}
+    log = world.up.state_dir.parent / "big-worker.log"
+    [worker] = world.start_workers(1, "big", log)
+    await _wait(
+        "every big message audited",
+        lambda: len({r["id"] for r in world.audit.records if r["id"] in wanted}) == len(wanted),
+        120,
+    )
+    peak = _peak_rss_mb(worker.pid)
+    records = [r for r in world.audit.records if r["id"] in wanted]
+    assert len(records) == len(wanted) and all(r["reason"] == "ok" for r in records)
+    router_js = world.router.jetstream()
+    info = await router_js.stream_info(
+        "INBOX_DOCKER", subjects_filter="tier.docker.agent.bigsink.in"
+    )
+    assert info.state.subjects == {"tier.docker.agent.bigsink.in": len(wanted)}
+    dead = await router_js.stream_info("DEADLETTER")
+    assert dead.state.messages == 0
+    assert peak < 150, f"worker peak RSS {peak:.0f} MB"
+    assert stop_gracefully(worker) == 0
+    # Nothing went wrong on the way: no retry, no lost connection.
+    output = log.read_text(errors="replace")
+    assert "ready" in output
+    assert not [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]

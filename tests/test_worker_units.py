@@ -19,12 +19,13 @@ from agent_sdk.route import route_signing_input, sign_route, verify_route
 from agent_sdk.signing import Signer
 from broker_gateway.keys import new_seed
 from broker_gateway.records import AgentRecord
+from broker_gateway.server import MAX_PAYLOAD, MAX_PENDING
 from policy_worker.audit import audit_msg_id, audit_publish, audit_record
 from policy_worker.broker import Ack, KvEntry, Publish, PublishResult, RevisionConflict
 from policy_worker.bus_ops import BusOp, applied, parse_bus_op
 from policy_worker.checks import Checker
 from policy_worker.config import WorkerConfig
-from policy_worker.consumer import PullConsumer
+from policy_worker.consumer import MAX_BYTES_PER_BATCH, PullConsumer
 from policy_worker.deadletter import deadletter
 from policy_worker.decision import Decision
 from policy_worker.delivery import forwarded_headers
@@ -519,6 +520,27 @@ async def test_pull_consumer_keeps_its_window_filled() -> None:
     assert consumer.outstanding == 6
     consumer.stop_requesting()
     assert await consumer.next_batch(4, wait_s=0.01) == [] and len(nc.requests) == 2
+
+
+async def test_pull_consumer_bounds_requests_and_batches_in_bytes() -> None:
+    nc = FakeNats()
+    consumer = PullConsumer(nc, "INGRESS", "workers", window=10, expires_s=1.0)  # type: ignore[arg-type]
+    await consumer.start()
+    assert await consumer.next_batch(10, wait_s=0.01) == []
+    # A request always fits the biggest message, and two never reach max_pending.
+    [request] = nc.requests
+    assert request["max_bytes"] > MAX_PAYLOAD and 2 * request["max_bytes"] < MAX_PENDING
+    big = b"x" * (MAX_BYTES_PER_BATCH // 2 + 1)
+    for i in range(5):
+        await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", big))  # type: ignore[arg-type]
+    # Two of these would pass the batch's byte bound: one at a time.
+    assert [len(await consumer.next_batch(10, wait_s=0.01)) for _ in range(5)] == [1] * 5
+    huge = b"x" * (MAX_BYTES_PER_BATCH + 1)  # alone over the bound: still taken, alone
+    small = b"s"
+    for i, data in enumerate((huge, small, small)):
+        await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.y.{i}", data))  # type: ignore[arg-type]
+    assert [m.data for m in await consumer.next_batch(10, wait_s=0.01)] == [huge]
+    assert [m.data for m in await consumer.next_batch(10, wait_s=0.01)] == [small, small]
 
 
 async def test_pull_consumer_lingers_for_company() -> None:
