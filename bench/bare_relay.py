@@ -24,7 +24,8 @@ Like the worker, it processes up to ``--inflight`` batches at once. Fetching
 keeps pull requests open on a private inbox and hands out whatever
 has arrived (nats-py's ``fetch`` would hold a lone message until its batch
 fills or its timeout passes, which would make the baseline look slow at low
-load and the comparison unfair in the router's favour).
+load and the comparison unfair in the router's favour), with the worker's
+bounds in bytes on pull requests and batches.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ from nats.aio.msg import Msg
 from bench.child import run
 from broker_gateway.state import ENV_STATE_DIR, StateDir
 from broker_gateway.streams import INGRESS, WORKERS_CONSUMER
+from policy_worker.consumer import MAX_BYTES_PER_REQUEST, take_batch
 
 log = logging.getLogger("bench.bare_relay")
 
 ENV_NATS_URL = "SYMBIONT_NATS_URL"
 EXPIRES_S = 1.0
-MAX_BYTES = 32 * 1024 * 1024
 
 
 class BareRelay:
@@ -105,7 +106,11 @@ class BareRelay:
         free = self.batch - self.outstanding - len(self.buffer)
         if self.stopping or free <= 0 or (self.outstanding and free < self.batch // 2):
             return
-        request = {"batch": free, "expires": int(EXPIRES_S * 1e9), "max_bytes": MAX_BYTES}
+        request = {
+            "batch": free,
+            "expires": int(EXPIRES_S * 1e9),
+            "max_bytes": MAX_BYTES_PER_REQUEST,  # and batches bounded in bytes: as the worker
+        }
         await self.nc.publish(self.next_subject, json.dumps(request).encode(), reply=self.inbox)
         self.outstanding += free
 
@@ -149,7 +154,7 @@ class BareRelay:
                         self.outstanding = 0  # a lost request: ask again
                 if not self.buffer:
                     return []
-        batch = [self.buffer.popleft() for _ in range(min(self.batch, len(self.buffer)))]
+        batch = take_batch(self.buffer, self.batch)
         await self._top_up()
         return batch
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+MAX_PAYLOAD_BYTES = 65_536
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -42,8 +44,12 @@ class BenchConfig:
             raise ValueError("message counts must be at least 1")
         if not 1 <= self.latency_workers <= 16:
             raise ValueError("latency workers: between 1 and 16")
-        if not 0 <= self.payload_bytes <= 1_000_000:
-            raise ValueError("payload size: between 0 and 1,000,000 bytes")
+        if not 0 <= self.payload_bytes <= MAX_PAYLOAD_BYTES:
+            raise ValueError(
+                f"payload size: between 0 and {MAX_PAYLOAD_BYTES:,} bytes (the receivers read"
+                " every delivery live; beyond that, at drain speed, the server cuts them off"
+                " as slow consumers)"
+            )
 
 
 def quick(config: BenchConfig) -> BenchConfig:

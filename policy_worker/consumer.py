@@ -157,23 +157,10 @@ class PullConsumer:
                 self._watchdog()
         if linger_s > 0 and len(self._buffer) < linger_below:
             await self._linger(self._oldest_at + linger_s, linger_below)
-        batch = self._take_batch(limit)
+        batch = take_batch(self._buffer, limit)
         if self._buffer:
             self._oldest_at = time.monotonic()
         await self._top_up()
-        return batch
-
-    def _take_batch(self, limit: int) -> list[Msg]:
-        """Up to ``limit`` messages from the buffer, and at most MAX_BYTES_PER_BATCH of them."""
-        batch: list[Msg] = []
-        size = 0
-        buffer = self._buffer
-        while buffer and len(batch) < limit:
-            msg = buffer[0]
-            size += len(msg.data)  # headers are small and bounded; payloads are not
-            if batch and size > MAX_BYTES_PER_BATCH:
-                break
-            batch.append(buffer.popleft())
         return batch
 
     async def _linger(self, until: float, enough: int) -> None:
@@ -250,6 +237,18 @@ class PullConsumer:
             log.warning("pull request ended: %s %s", status, description)
             self._paused_until = time.monotonic() + _ERROR_BACKOFF_S
         self._wakeup.set()
+
+
+def take_batch(buffer: collections.deque[Msg], limit: int) -> list[Msg]:
+    """Up to ``limit`` messages off ``buffer``, and at most MAX_BYTES_PER_BATCH (one at least)."""
+    batch: list[Msg] = []
+    size = 0
+    while buffer and len(batch) < limit:
+        size += len(buffer[0].data)  # headers are small and bounded; payloads are not
+        if batch and size > MAX_BYTES_PER_BATCH:
+            break
+        batch.append(buffer.popleft())
+    return batch
 
 
 def _abnormal_409(description: str) -> bool:
