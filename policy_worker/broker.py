@@ -90,6 +90,24 @@ class Ack:
 
 PublishResult = Ack | BrokerError
 
+# Payload bytes that one wave of publishes may carry (see JetStreamIO.publish_all).
+WAVE_BYTES: Final = 16 * 1024 * 1024
+
+
+def waves(requests: Sequence[Publish], limit: int) -> list[Sequence[Publish]]:
+    """``requests`` cut, in order, into runs of at most ``limit`` payload bytes (one at least)."""
+    if sum(len(r.payload) for r in requests) <= limit:
+        return [requests]
+    out: list[Sequence[Publish]] = []
+    start, size = 0, 0
+    for i, req in enumerate(requests):
+        if i > start and size + len(req.payload) > limit:
+            out.append(requests[start:i])
+            start, size = i, 0
+        size += len(req.payload)
+    out.append(requests[start:])
+    return out
+
 
 class _Stage:
     """The replies to one :meth:`JetStreamIO.publish_all`, and ONE future set when all are in.
@@ -175,7 +193,23 @@ class JetStreamIO:
             waiter[0].answer(waiter[1], Reply(msg.data, (msg.headers or {}).get("Status", "")))
 
     async def publish_all(self, requests: Sequence[Publish]) -> list[PublishResult]:
-        """Publish every request concurrently; one :class:`Ack` or error per request, in order."""
+        """Publish every request concurrently; one :class:`Ack` or error per request, in order.
+
+        All at once up to :data:`WAVE_BYTES` of payload; beyond that (an event
+        with many subscribers, big messages) in consecutive waves, each waiting
+        for its PubAcks before the next goes out. A stream refuses a publish
+        with "too many requests" once its ingest queue holds too much, and a
+        worker that fanned a 4 MiB event out to a hundred inboxes at once would
+        see most of it refused, and retried, and perhaps dead-lettered. Order
+        is kept: a record that goes out ahead of a delivery is acknowledged
+        before it, at the latest.
+        """
+        results: list[PublishResult] = []
+        for wave in waves(requests, WAVE_BYTES):
+            results.extend(await self._publish_wave(wave))
+        return results
+
+    async def _publish_wave(self, requests: Sequence[Publish]) -> list[PublishResult]:
         if not requests:
             return []
         prefix = await self._replies()

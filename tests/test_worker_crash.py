@@ -32,12 +32,13 @@ from tests.helpers import REPO, AuditLog, Sender, SymbiUp, register_sender
 pytestmark = pytest.mark.slow
 
 RATE, BURST = 40.0, 20
+FANOUT = 40
 POLICIES = f"""
 communication_policies:
   - name: docker_to_docker
     source_tier: docker
     destination_tier: docker
-    allowed_message_types: [data]
+    allowed_message_types: [data, event]
     rate_limits: {{messages_per_second: 1000000, burst_size: 1000000}}
   - name: firecracker_to_docker
     source_tier: firecracker
@@ -113,6 +114,8 @@ async def world(up: SymbiUp) -> AsyncIterator[World]:
     ] + [("docker", f"s{i}") for i in range(5)]:
         agent = await register_sender(gateway, tier, agent_id)
         agents[agent.address] = agent
+    for i in range(FANOUT):  # subscribers of fanout.>, never connected
+        await gateway.register_agent("docker", f"fan{i}", subscriptions=("fanout.>",))
     await gateway.close()
     world = World(up, router, audit, agents, [])
     yield world
@@ -267,4 +270,34 @@ async def test_a_backlog_of_big_messages_goes_through_whole_in_bounded_memory(
     # Nothing went wrong on the way: no retry, no lost connection.
     output = log.read_text(errors="replace")
     assert "ready" in output
+    assert not [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]
+
+
+async def test_big_events_fan_out_to_many_inboxes_without_a_retry(world: World) -> None:
+    """4 events of 4 MB to 40 subscribers: 640 MB of deliveries, in waves the streams accept.
+
+    Published all at once, a stream's ingest queue refused most of each event's
+    deliveries ("too many requests"), and the events went round the retries.
+    """
+    publisher = world.agents["docker.s3"]
+    payload = os.urandom(4_000_000)
+    envs = [publisher.envelope("event.fanout.big", payload, type="event") for _ in range(4)]
+    js = publisher.nc.jetstream()
+    for env in envs:
+        await js.publish(publisher.outbox, env.payload, headers=to_headers(env))
+    wanted = {env.id for env in envs}
+    log = world.up.state_dir.parent / "fan-worker.log"
+    [worker] = world.start_workers(1, "fan", log)
+
+    def records() -> list[dict[str, Any]]:
+        return [r for r in world.audit.records if r["id"] in wanted]
+
+    await _wait("every delivery audited", lambda: len(records()) == 4 * FANOUT, 120)
+    assert {r["reason"] for r in records()} == {"ok"}
+    recipients = {r["recipient"] for r in records()}
+    assert recipients == {f"docker.fan{i}" for i in range(FANOUT)}
+    peak = _peak_rss_mb(worker.pid)
+    assert stop_gracefully(worker) == 0
+    assert peak < 150, f"worker peak RSS {peak:.0f} MB"
+    output = log.read_text(errors="replace")
     assert not [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]

@@ -62,3 +62,20 @@ async def test_publishes_are_encoded_as_nats_py_encodes_them() -> None:
         assert sent[-2] == sent[-1]
     with pytest.raises(BadHeaderError):
         await io._publish(Publish("a.b", b"", {"bad name": "v"}), "_INBOX.x.2")
+
+
+def test_publishes_go_out_in_waves_of_bounded_bytes() -> None:
+    from policy_worker.broker import Publish, waves
+
+    reqs = [Publish(f"s.{i}", b"x" * n, {}) for i, n in enumerate((6, 3, 2, 9, 1, 12, 0))]
+    cut = waves(reqs, 10)
+    assert [[r.subject for r in w] for w in cut] == [
+        ["s.0", "s.1"],
+        ["s.2"],
+        ["s.3", "s.4"],
+        ["s.5"],  # alone over the bound: a wave of its own
+        ["s.6"],
+    ]
+    assert [r for w in cut for r in w] == reqs  # in order, each once
+    assert waves(reqs, 1000) == [reqs]
+    assert waves([], 10) == [[]]
