@@ -232,6 +232,32 @@ def _peak_rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
+async def _backlog_for_one_worker(
+    world: World, sender: Sender, envs: list[Any], name: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Publish ``envs`` with no worker running, then start one; it and its log file."""
+    js = sender.nc.jetstream()
+    for env in envs:
+        await js.publish(sender.outbox, env.payload, headers=to_headers(env))
+    log = world.up.state_dir.parent / f"{name}-worker.log"
+    [worker] = world.start_workers(1, name, log)
+    return worker, log
+
+
+async def _assert_it_went_smoothly(
+    world: World, worker: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Under 150 MB, nothing dead-lettered, a clean stop, and no retry or lost connection."""
+    peak = _peak_rss_mb(worker.pid)
+    assert stop_gracefully(worker) == 0
+    assert peak < 150, f"worker peak RSS {peak:.0f} MB"
+    dead = await world.router.jetstream().stream_info("DEADLETTER")
+    assert dead.state.messages == 0
+    output = log.read_text(errors="replace")
+    assert "ready" in output
+    assert not [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]
+
+
 async def test_a_backlog_of_big_messages_goes_through_whole_in_bounded_memory(
     world: World,
 ) -> None:
@@ -244,33 +270,19 @@ async def test_a_backlog_of_big_messages_goes_through_whole_in_bounded_memory(
     sender = world.agents["docker.s4"]
     payload = os.urandom(1_000_000)
     envs = [sender.envelope("docker.bigsink", payload) for _ in range(300)]
-    js = sender.nc.jetstream()
-    for env in envs:
-        await js.publish(sender.outbox, env.payload, headers=to_headers(env))
     wanted = {env.id for env in envs}
-    log = world.up.state_dir.parent / "big-worker.log"
-    [worker] = world.start_workers(1, "big", log)
-    await _wait(
-        "every big message audited",
-        lambda: len({r["id"] for r in world.audit.records if r["id"] in wanted}) == len(wanted),
-        120,
-    )
-    peak = _peak_rss_mb(worker.pid)
-    records = [r for r in world.audit.records if r["id"] in wanted]
-    assert len(records) == len(wanted) and all(r["reason"] == "ok" for r in records)
-    router_js = world.router.jetstream()
-    info = await router_js.stream_info(
+    worker, log = await _backlog_for_one_worker(world, sender, envs, "big")
+
+    def records() -> list[dict[str, Any]]:
+        return [r for r in world.audit.records if r["id"] in wanted]
+
+    await _wait("every big message audited", lambda: len(records()) == len(wanted), 120)
+    assert {r["reason"] for r in records()} == {"ok"}
+    info = await world.router.jetstream().stream_info(
         "INBOX_DOCKER", subjects_filter="tier.docker.agent.bigsink.in"
     )
     assert info.state.subjects == {"tier.docker.agent.bigsink.in": len(wanted)}
-    dead = await router_js.stream_info("DEADLETTER")
-    assert dead.state.messages == 0
-    assert peak < 150, f"worker peak RSS {peak:.0f} MB"
-    assert stop_gracefully(worker) == 0
-    # Nothing went wrong on the way: no retry, no lost connection.
-    output = log.read_text(errors="replace")
-    assert "ready" in output
-    assert not [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]
+    await _assert_it_went_smoothly(world, worker, log)
 
 
 async def test_big_events_fan_out_to_many_inboxes_without_a_retry(world: World) -> None:
@@ -282,12 +294,8 @@ async def test_big_events_fan_out_to_many_inboxes_without_a_retry(world: World) 
     publisher = world.agents["docker.s3"]
     payload = os.urandom(4_000_000)
     envs = [publisher.envelope("event.fanout.big", payload, type="event") for _ in range(4)]
-    js = publisher.nc.jetstream()
-    for env in envs:
-        await js.publish(publisher.outbox, env.payload, headers=to_headers(env))
     wanted = {env.id for env in envs}
-    log = world.up.state_dir.parent / "fan-worker.log"
-    [worker] = world.start_workers(1, "fan", log)
+    worker, log = await _backlog_for_one_worker(world, publisher, envs, "fan")
 
     def records() -> list[dict[str, Any]]:
         return [r for r in world.audit.records if r["id"] in wanted]
@@ -296,8 +304,4 @@ async def test_big_events_fan_out_to_many_inboxes_without_a_retry(world: World) 
     assert {r["reason"] for r in records()} == {"ok"}
     recipients = {r["recipient"] for r in records()}
     assert recipients == {f"docker.fan{i}" for i in range(FANOUT)}
-    peak = _peak_rss_mb(worker.pid)
-    assert stop_gracefully(worker) == 0
-    assert peak < 150, f"worker peak RSS {peak:.0f} MB"
-    output = log.read_text(errors="replace")
-    assert not [line for line in output.splitlines() if "WARNING" in line or "ERROR" in line]
+    await _assert_it_went_smoothly(world, worker, log)
