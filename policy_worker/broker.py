@@ -143,7 +143,7 @@ class JetStreamIO:
     redelivery, which the pipeline handles.
     """
 
-    def __init__(self, nc: Client, *, timeout_s: float, ack_delay_s: float = 0.002) -> None:
+    def __init__(self, nc: DirectClient, *, timeout_s: float, ack_delay_s: float = 0.002) -> None:
         self.nc = nc
         self.ack_delay_s = ack_delay_s
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -169,13 +169,9 @@ class JetStreamIO:
     async def _replies(self) -> str:
         if self._reply_sub is None:
             prefix = self.nc.new_inbox() + "."
-            nc = self.nc
-            try:
-                if isinstance(nc, DirectClient):  # PubAcks straight from the read loop
-                    self._reply_sub = await nc.subscribe(prefix + "*")
-                    nc.on_raw(self._reply_sub, self._on_raw_reply)
-                else:
-                    self._reply_sub = await nc.subscribe(prefix + "*", cb=self._on_reply)
+            try:  # PubAcks straight from the read loop, as bytes
+                self._reply_sub = await self.nc.subscribe(prefix + "*")
+                self.nc.on_raw(self._reply_sub, self._on_raw_reply)
             except NatsError as exc:
                 raise BrokerError(f"cannot subscribe for PubAcks: {exc!r}") from exc
             self._reply_prefix = prefix
@@ -186,11 +182,6 @@ class JetStreamIO:
         waiter = self._waiting.pop(subject[self._reply_prefix_len :], None)
         if waiter is not None:
             waiter[0].answer(waiter[1], Reply(data, status_of(headers) if headers else ""))
-
-    async def _on_reply(self, msg: Msg) -> None:
-        waiter = self._waiting.pop(msg.subject[self._reply_prefix_len :].encode(), None)
-        if waiter is not None:
-            waiter[0].answer(waiter[1], Reply(msg.data, (msg.headers or {}).get("Status", "")))
 
     async def publish_all(self, requests: Sequence[Publish]) -> list[PublishResult]:
         """Publish every request concurrently; one :class:`Ack` or error per request, in order.

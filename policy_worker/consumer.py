@@ -29,7 +29,6 @@ import logging
 import time
 from typing import Final
 
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
@@ -61,7 +60,7 @@ class PullConsumer:
     """A stream of batches from one durable pull consumer."""
 
     def __init__(
-        self, nc: Client, stream: str, consumer: str, *, window: int, expires_s: float
+        self, nc: DirectClient, stream: str, consumer: str, *, window: int, expires_s: float
     ) -> None:
         self.nc = nc
         self.stream = stream
@@ -83,13 +82,9 @@ class PullConsumer:
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
-        nc = self.nc
-        try:
-            if isinstance(nc, DirectClient):  # pulled messages without nats-py's queue hop
-                self._sub = await nc.subscribe(self._inbox)
-                nc.on_msg(self._sub, self._take)
-            else:
-                self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
+        try:  # pulled messages straight from the read loop, without nats-py's queue
+            self._sub = await self.nc.subscribe(self._inbox)
+            self.nc.on_msg(self._sub, self._take)
         except NatsError as exc:
             raise BrokerError(f"cannot subscribe for pulled messages: {exc!r}") from exc
 
@@ -124,8 +119,7 @@ class PullConsumer:
     async def close(self) -> None:
         await self.release()
         if self._sub is not None:
-            if isinstance(self.nc, DirectClient):
-                self.nc.forget(self._sub)
+            self.nc.forget(self._sub)
             try:
                 await self._sub.unsubscribe()
             except NatsError as exc:
@@ -207,9 +201,6 @@ class PullConsumer:
         if self.outstanding > 0 and silent > self.expires_s + 2.0:
             log.info("renewing %d pulled messages that never came", self.outstanding)
             self.outstanding = 0
-
-    async def _on_msg(self, msg: Msg) -> None:
-        self._take(msg)
 
     def _take(self, msg: Msg) -> None:
         self._last_activity = time.monotonic()

@@ -208,7 +208,7 @@ class _Hooks:
         self.on_reconnect: list[Callable[[], None]] = []
 
 
-async def _connect(config: WorkerConfig, hooks: _Hooks) -> Client:
+async def _connect(config: WorkerConfig, hooks: _Hooks) -> DirectClient:
     """Connect as the router's service user, retrying while ``symbi up`` comes up."""
 
     async def on_error(exc: Exception) -> None:
@@ -223,7 +223,7 @@ async def _connect(config: WorkerConfig, hooks: _Hooks) -> Client:
         for hook in hooks.on_reconnect:
             hook()
 
-    async def attempt() -> Client:
+    async def attempt() -> DirectClient:
         nc = DirectClient()
         await nc.connect(
             config.nats_url,

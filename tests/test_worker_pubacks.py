@@ -41,13 +41,14 @@ async def test_publishes_are_encoded_as_nats_py_encodes_them() -> None:
     from nats.aio.client import Client
 
     from policy_worker.broker import JetStreamIO, Publish
+    from policy_worker.direct_client import DirectClient
 
     sent: list[bytes] = []
 
     async def capture(cmd: bytes, priority: bool = False) -> None:
         sent.append(cmd)
 
-    nc = Client()
+    nc = DirectClient()
     nc._status = Client.CONNECTED
     nc._max_payload = 1 << 20
     nc._send_command = capture  # type: ignore[method-assign]

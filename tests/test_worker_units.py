@@ -494,8 +494,11 @@ class FakeNats:
     def new_inbox(self) -> str:
         return "_INBOX.test"
 
-    async def subscribe(self, subject: str, cb: Any) -> Any:
+    async def subscribe(self, subject: str) -> Any:
         return None
+
+    def on_msg(self, sub: Any, handler: Any) -> None:
+        pass
 
     async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
         self.requests.append(json.loads(payload))
@@ -508,7 +511,7 @@ async def test_pull_consumer_keeps_its_window_filled() -> None:
     assert await consumer.next_batch(5, wait_s=0.01) == []
     assert [r["batch"] for r in nc.requests] == [10] and consumer.outstanding == 10
     for i in range(6):
-        await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", b"m"))  # type: ignore[arg-type]
+        consumer._take(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", b"m"))  # type: ignore[arg-type]
     assert len(await consumer.next_batch(4, wait_s=0.01)) == 4
     # 4 outstanding + 2 buffered: 4 free is under half the window, so no request yet.
     assert len(nc.requests) == 1
@@ -516,7 +519,7 @@ async def test_pull_consumer_keeps_its_window_filled() -> None:
     assert [r["batch"] for r in nc.requests] == [10, 6]
     # The first request expires with 4 of its messages never sent.
     timeout = Msg(None, "_INBOX.test", "", b"", {"Status": "408", "Nats-Pending-Messages": "4"})  # type: ignore[arg-type]
-    await consumer._on_msg(timeout)
+    consumer._take(timeout)
     assert consumer.outstanding == 6
     consumer.stop_requesting()
     assert await consumer.next_batch(4, wait_s=0.01) == [] and len(nc.requests) == 2
@@ -532,13 +535,13 @@ async def test_pull_consumer_bounds_requests_and_batches_in_bytes() -> None:
     assert request["max_bytes"] > MAX_PAYLOAD and 2 * request["max_bytes"] < MAX_PENDING
     big = b"x" * (MAX_BYTES_PER_BATCH // 2 + 1)
     for i in range(5):
-        await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", big))  # type: ignore[arg-type]
+        consumer._take(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", big))  # type: ignore[arg-type]
     # Two of these would pass the batch's byte bound: one at a time.
     assert [len(await consumer.next_batch(10, wait_s=0.01)) for _ in range(5)] == [1] * 5
     huge = b"x" * (MAX_BYTES_PER_BATCH + 1)  # alone over the bound: still taken, alone
     small = b"s"
     for i, data in enumerate((huge, small, small)):
-        await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.y.{i}", data))  # type: ignore[arg-type]
+        consumer._take(Msg(None, "_INBOX.test", f"$JS.ACK.y.{i}", data))  # type: ignore[arg-type]
     assert [m.data for m in await consumer.next_batch(10, wait_s=0.01)] == [huge]
     assert [m.data for m in await consumer.next_batch(10, wait_s=0.01)] == [small, small]
 
@@ -547,18 +550,18 @@ async def test_pull_consumer_lingers_for_company() -> None:
     nc = FakeNats()
     consumer = PullConsumer(nc, "INGRESS", "workers", window=10, expires_s=1.0)  # type: ignore[arg-type]
     await consumer.start()
-    await consumer._on_msg(Msg(None, "_INBOX.test", "$JS.ACK.x.0", b"m"))  # type: ignore[arg-type]
+    consumer._take(Msg(None, "_INBOX.test", "$JS.ACK.x.0", b"m"))  # type: ignore[arg-type]
 
     async def later() -> None:
         await asyncio.sleep(0.005)
         for i in (1, 2):
-            await consumer._on_msg(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", b"m"))  # type: ignore[arg-type]
+            consumer._take(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", b"m"))  # type: ignore[arg-type]
 
     company = asyncio.create_task(later())
     # Up to 1 s for fewer than 3: the two that come after 5 ms join the first.
     assert len(await consumer.next_batch(8, wait_s=1, linger_s=1.0, linger_below=3)) == 3
     await company
-    await consumer._on_msg(Msg(None, "_INBOX.test", "$JS.ACK.x.3", b"m"))  # type: ignore[arg-type]
+    consumer._take(Msg(None, "_INBOX.test", "$JS.ACK.x.3", b"m"))  # type: ignore[arg-type]
     started = time.monotonic()
     assert len(await consumer.next_batch(8, wait_s=1, linger_s=0.02, linger_below=3)) == 1
     assert 0.01 < time.monotonic() - started < 0.5  # alone after the linger
