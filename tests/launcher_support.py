@@ -62,12 +62,18 @@ def stale_rootfs_reason() -> str | None:
 async def output_of(
     launcher: Launcher, tier: str, agent_id: str, needle: str, timeout: float = 120
 ) -> str:
-    """The agent's output once it contains ``needle``."""
+    """The agent's output once it holds ``needle`` on a complete line.
+
+    Complete: followed by a newline. A micro-VM's output comes through its
+    serial console, a kilobyte in tens of milliseconds, so a long line can be
+    read half written.
+    """
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
         text = b"".join(launcher.logs(tier, agent_id)).decode(errors="replace")
-        if needle in text:
+        at = text.find(needle)
+        if at >= 0 and "\n" in text[at:]:
             return text
         await asyncio.sleep(0.2)
     raise AssertionError(f"no {needle!r} in the output of {tier}.{agent_id}:\n{text}")
