@@ -48,7 +48,7 @@ from nats.aio.msg import Msg
 from bench.child import run
 from broker_gateway.state import ENV_STATE_DIR, StateDir
 from broker_gateway.streams import INGRESS, WORKERS_CONSUMER
-from policy_worker.consumer import MAX_BYTES_PER_REQUEST, take_batch
+from policy_worker.consumer import request_bytes, take_batch
 
 log = logging.getLogger("bench.bare_relay")
 
@@ -109,7 +109,7 @@ class BareRelay:
         request = {
             "batch": free,
             "expires": int(EXPIRES_S * 1e9),
-            "max_bytes": MAX_BYTES_PER_REQUEST,  # and batches bounded in bytes: as the worker
+            "max_bytes": request_bytes(self.nc.max_payload),  # bounded as the worker's
         }
         await self.nc.publish(self.next_subject, json.dumps(request).encode(), reply=self.inbox)
         self.outstanding += free

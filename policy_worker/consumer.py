@@ -41,13 +41,23 @@ log = logging.getLogger(__name__)
 
 STATUS: Final = "Status"
 PENDING_MESSAGES: Final = "Nats-Pending-Messages"
-# Bytes per pull request: more than the biggest message the server accepts
-# (MAX_PAYLOAD, 4 MiB), so one always fits, and small enough that the two
-# requests a worker may have open never reach the server's max_pending for
-# one connection (MAX_PENDING of ``symbi up``'s server; 64 MiB by default in
-# a NATS server of one's own): past it the server cuts the worker off
-# as a slow consumer, and every PubAck of its batches in flight is lost.
-MAX_BYTES_PER_REQUEST: Final = MAX_PAYLOAD + MAX_PAYLOAD // 4
+
+
+def request_bytes(max_payload: int) -> int:
+    """Bytes per pull request, for a server whose largest message is ``max_payload``.
+
+    More than that message, so one always fits (a request too small for the
+    next message would wait for it forever), and small enough that the two
+    requests a worker may have open stay well under the bytes the server
+    queues for one connection (``max_pending``: MAX_PENDING in ``symbi up``'s
+    server, 64 MiB by default in one's own): past it the server cuts the
+    worker off as a slow consumer, and every PubAck of its batches in flight
+    is lost.
+    """
+    largest = max(max_payload, MAX_PAYLOAD)
+    return largest + largest // 4
+
+
 # A batch stops growing past this many bytes (it holds at least one message),
 # so that a backlog of big messages is processed a few MiB at a time: its
 # publishes get their PubAcks well within the operation timeout, and the
@@ -180,7 +190,7 @@ class PullConsumer:
         request = {
             "batch": free,
             "expires": int(self.expires_s * 1e9),
-            "max_bytes": MAX_BYTES_PER_REQUEST,
+            "max_bytes": request_bytes(self.nc.max_payload),
         }
         try:
             await self.nc.publish(

@@ -25,7 +25,7 @@ from policy_worker.broker import Ack, KvEntry, Publish, PublishResult, RevisionC
 from policy_worker.bus_ops import BusOp, applied, parse_bus_op
 from policy_worker.checks import Checker
 from policy_worker.config import WorkerConfig
-from policy_worker.consumer import MAX_BYTES_PER_BATCH, PullConsumer
+from policy_worker.consumer import MAX_BYTES_PER_BATCH, PullConsumer, request_bytes
 from policy_worker.deadletter import deadletter
 from policy_worker.decision import Decision
 from policy_worker.delivery import forwarded_headers
@@ -490,6 +490,7 @@ class FakeNats:
         self.requests: list[dict[str, Any]] = []
         self.is_closed = False
         self.is_connected = True
+        self.max_payload = MAX_PAYLOAD
 
     def new_inbox(self) -> str:
         return "_INBOX.test"
@@ -533,6 +534,9 @@ async def test_pull_consumer_bounds_requests_and_batches_in_bytes() -> None:
     # A request always fits the biggest message, and two never reach max_pending.
     [request] = nc.requests
     assert request["max_bytes"] > MAX_PAYLOAD and 2 * request["max_bytes"] < MAX_PENDING
+    # On a server of one's own that takes bigger messages, the requests grow with them.
+    assert request_bytes(3 * MAX_PAYLOAD) > 3 * MAX_PAYLOAD
+    assert 2 * request_bytes(3 * MAX_PAYLOAD) < 64 * 1024 * 1024  # its default max_pending
     big = b"x" * (MAX_BYTES_PER_BATCH // 2 + 1)
     for i in range(5):
         consumer._take(Msg(None, "_INBOX.test", f"$JS.ACK.x.{i}", big))  # type: ignore[arg-type]
