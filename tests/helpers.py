@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,13 @@ class SymbiUp:
         self.output.append(rest)
         return self.proc.returncode
 
+    async def connect_router(self) -> Client:
+        """The router's service user, as the policy workers connect (close it when done)."""
+        from broker_gateway.state import StateDir
+
+        state = StateDir.open(self.state_dir, create=False)
+        return await nats.connect(self.url, user_credentials=str(state.service_creds("router")))
+
     def register(self, tier: str, agent_id: str, out: Path, *extra: str) -> dict[str, Any]:
         res = symbi(
             "agent",
@@ -133,6 +141,18 @@ class SymbiUp:
         assert res.returncode == 0, res.stderr
         info: dict[str, Any] = json.loads((out / "agent.json").read_text())
         return info
+
+
+def bus_with_policies(root: Path, policies: str, workers: int) -> Iterator[SymbiUp]:
+    """A module fixture's body: ``symbi up`` in ``root`` with ``policies`` (YAML text).
+
+    Yields the running bus; afterwards it must stop cleanly.
+    """
+    (root / "policies.yaml").write_text(policies)
+    bus = SymbiUp(root / "state", workers=workers, policies=root / "policies.yaml")
+    bus.start()
+    yield bus
+    assert bus.stop() == 0, "".join(bus.output)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import time
 import nats
 import pytest
 
-from broker_gateway.state import StateDir
 from tests.helpers import REPO, SymbiUp, symbi
 
 
@@ -35,8 +34,7 @@ def record(i: int, decision: str = "deny", reason: str = "no_policy") -> dict[st
 
 @pytest.fixture(scope="module")
 async def router(bus: SymbiUp) -> nats.NATS:
-    state = StateDir.open(bus.state_dir, create=False)
-    nc = await nats.connect(bus.url, user_credentials=str(state.service_creds("router")))
+    nc = await bus.connect_router()
     yield nc  # type: ignore[misc]
     await nc.close()
 

@@ -41,8 +41,7 @@ async def a1(agents: dict[str, Path]) -> Agent:
 @pytest.fixture
 async def router(bus: SymbiUp) -> nats.NATS:
     """The router's service user, as the policy workers connect."""
-    state = StateDir.open(bus.state_dir, create=False)
-    nc = await nats.connect(bus.url, user_credentials=str(state.service_creds("router")))
+    nc = await bus.connect_router()
     yield nc  # type: ignore[misc]
     await nc.close()
 

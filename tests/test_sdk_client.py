@@ -16,7 +16,6 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -67,8 +66,7 @@ def agents(live_bus: SymbiUp, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 @pytest.fixture(scope="module")
 async def router(live_bus: SymbiUp) -> AsyncIterator[Client]:
-    state = StateDir.open(live_bus.state_dir, create=False)
-    nc = await nats.connect(live_bus.url, user_credentials=str(state.service_creds("router")))
+    nc = await live_bus.connect_router()
     yield nc
     await nc.close()
 

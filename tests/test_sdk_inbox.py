@@ -106,7 +106,7 @@ async def gateway(bus: SymbiUp) -> AsyncIterator[Gateway]:
 @pytest.fixture(scope="module")
 async def router(bus: SymbiUp) -> AsyncIterator[FakeRouter]:
     state = StateDir.open(bus.state_dir, create=False)
-    nc = await nats.connect(bus.url, user_credentials=str(state.service_creds("router")))
+    nc = await bus.connect_router()
     yield FakeRouter(nc, Signer.from_seed(route_signer_seed(state.keys)), {})
     await nc.close()
 

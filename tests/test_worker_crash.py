@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -27,7 +26,7 @@ from agent_sdk.envelope import to_headers
 from broker_gateway.gateway import Gateway
 from broker_gateway.state import StateDir
 from policy_worker.rate_limit import take
-from tests.helpers import REPO, AuditLog, Sender, SymbiUp, register_sender
+from tests.helpers import REPO, AuditLog, Sender, SymbiUp, bus_with_policies, register_sender
 
 pytestmark = pytest.mark.slow
 
@@ -91,19 +90,14 @@ def stop_gracefully(proc: subprocess.Popen[bytes]) -> int:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SymbiUp]:
-    root = tmp_path_factory.mktemp("crash")
-    (root / "policies.yaml").write_text(POLICIES)
-    bus = SymbiUp(root / "state", workers=0, policies=root / "policies.yaml")
-    bus.start()
-    yield bus
-    assert bus.stop() == 0, "".join(bus.output)
+    yield from bus_with_policies(tmp_path_factory.mktemp("crash"), POLICIES, workers=0)
 
 
 @pytest.fixture(scope="module")
 async def world(up: SymbiUp) -> AsyncIterator[World]:
     state = StateDir.open(up.state_dir, create=False)
     gateway = await Gateway.connect(state, up.url)
-    router = await nats.connect(up.url, user_credentials=str(state.service_creds("router")))
+    router = await up.connect_router()
     audit = await AuditLog().start(router)
     agents = {}
     for tier, agent_id in [

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
@@ -28,7 +27,7 @@ from agent_sdk.signing import Signer
 from broker_gateway.gateway import Gateway
 from broker_gateway.keys import new_seed
 from broker_gateway.state import StateDir
-from tests.helpers import AuditLog, Sender, SymbiUp, register_sender
+from tests.helpers import AuditLog, Sender, SymbiUp, bus_with_policies, register_sender
 
 POLICIES = """
 communication_policies:
@@ -101,19 +100,14 @@ class World:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SymbiUp]:
-    root = tmp_path_factory.mktemp("routing")
-    (root / "policies.yaml").write_text(POLICIES)
-    bus = SymbiUp(root / "state", workers=2, policies=root / "policies.yaml")
-    bus.start()
-    yield bus
-    assert bus.stop() == 0, "".join(bus.output)
+    yield from bus_with_policies(tmp_path_factory.mktemp("routing"), POLICIES, workers=2)
 
 
 @pytest.fixture(scope="module")
 async def world(up: SymbiUp) -> AsyncIterator[World]:
     state = StateDir.open(up.state_dir, create=False)
     gateway = await Gateway.connect(state, up.url)
-    router = await nats.connect(up.url, user_credentials=str(state.service_creds("router")))
+    router = await up.connect_router()
     audit = await AuditLog().start(router)
     specs: list[tuple[str, str, dict[str, Any]]] = [
         ("docker", "alice", {"clearance": "confidential"}),
